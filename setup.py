@@ -1,0 +1,39 @@
+"""varcmp-jax: VarCMP video anomaly retrieval in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="varcmp-jax",
+    version="0.1.0",
+    description="VarCMP (AAAI 2025) video anomaly retrieval in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["varcmp_jax", "varcmp_jax.*", "data_prep", "data_prep.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "array-record>=0.8",
+        "ml-collections>=1.0",
+        "tensorflow-datasets>=4.9.9",
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "ftfy>=6.0",
+        "av>=14",
+        "numpy",
+        "openpyxl>=3.1",
+        "tensorboardX>=2.6",
+        "tqdm",
+        "absl-py",
+        "matplotlib",
+    ],
+    extras_require={
+        # torch is needed only to export to / compare with PyTorch. The pin keeps pip on the CPU
+        # build that lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
+        "torch": ["torch==2.13.0"],
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist"],
+    },
+    entry_points={"console_scripts": ["varcmp=varcmp_jax.cli:main"]},
+)
