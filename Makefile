@@ -1,0 +1,26 @@
+# `make demo` and `make test` each create .venv, install the package with its test extras, then run.
+# The install is redone only when setup.py changes, so a second call is quick.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	# The CLIP BPE vocabulary ships in this wheel; --no-deps keeps pip away from torchvision/CUDA torch.
+	$(VENV)/bin/pip install -q --no-deps open-clip-torch==3.3.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/varcmp demo --workdir runs/demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) runs
