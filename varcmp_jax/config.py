@@ -70,12 +70,15 @@ def default_config(task: str = "text", regime: str = "frames") -> ml_collections
   ))
 
   c.prior = ml_collections.ConfigDict(dict(source="head"))   # "head" | "external" | "mean"
-  c.weighting = ml_collections.ConfigDict(dict(beta=0.5, tau=0.1))
+  # stop_gradient: the weights use the prior as a constant, so the anomaly head learns from the MIL
+  # loss only and the contrastive losses cannot reshape it into a retrieval attention.
+  c.weighting = ml_collections.ConfigDict(dict(beta=0.5, tau=0.1, stop_gradient=True))
 
   c.loss = ml_collections.ConfigDict(dict(
       # lambda_g: weight of each similarity level in the loss and in the combined retrieval score.
       levels={name: 1.0 for name in TASK_LEVELS[task]},
       mil=1.0,
+      chunk_size=64,               # block side of the spatial level in the loss (0: one block)
   ))
   c.eval = ml_collections.ConfigDict(dict(chunk_size=64, batch_size=32))
 
@@ -88,3 +91,79 @@ def default_config(task: str = "text", regime: str = "frames") -> ml_collections
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))   # -1: all remaining devices
   return c
+
+
+PRIOR_SOURCES = ("head", "external", "mean")
+AUDIO_KINDS = ("spectrogram", "features")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ValueError naming every bad field, so a typo fails before any compilation or data reading.
+
+  `num_devices`: when given, also checks that the mesh fits and that the batch divides over it.
+  """
+  errors = []
+
+  def check(ok, message):
+    if not ok:
+      errors.append(message)
+
+  check(config.task in TASK_LEVELS, f"task={config.task!r}: must be one of {sorted(TASK_LEVELS)}")
+  check(config.regime in ("frames", "features"), f"regime={config.regime!r}: must be 'frames' or 'features'")
+  check(config.prior.source in PRIOR_SOURCES, f"prior.source={config.prior.source!r}: must be one of {PRIOR_SOURCES}")
+  check(config.model.audio.kind in AUDIO_KINDS, f"model.audio.kind={config.model.audio.kind!r}: must be one of {AUDIO_KINDS}")
+  for field in ("dtype", "param_dtype"):
+    check(config.model[field] in DTYPES, f"model.{field}={config.model[field]!r}: must be one of {DTYPES}")
+  check(config.model.attention_impl in ("xla", "cudnn"), f"model.attention_impl={config.model.attention_impl!r}: must be 'xla' or 'cudnn'")
+  check(config.model.region_grid >= 1, f"model.region_grid={config.model.region_grid}: must be >= 1")
+
+  beta, tau = config.weighting.beta, config.weighting.tau
+  check(0.0 <= beta <= 1.0, f"weighting.beta={beta}: must lie in [0, 1]")
+  check(tau > 0, f"weighting.tau={tau}: must be > 0")
+
+  levels = TASK_LEVELS.get(config.task, ())
+  for name, weight in config.loss.levels.items():
+    check(name in levels, f"loss.levels.{name}: unknown level for task {config.task!r}; levels are {levels}")
+    check(weight >= 0, f"loss.levels.{name}={weight}: weights must be >= 0")
+  check(any(w > 0 for w in config.loss.levels.values()), "loss.levels: at least one level needs a weight > 0")
+  check(config.loss.mil >= 0, f"loss.mil={config.loss.mil}: must be >= 0")
+
+  t = config.train
+  for field in ("batch_size", "num_steps", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    check(t[field] >= 1, f"train.{field}={t[field]}: must be >= 1")
+  for field in ("learning_rate", "weight_decay", "grad_clip_norm", "warmup_steps", "eval_every"):
+    check(t[field] >= 0, f"train.{field}={t[field]}: must be >= 0")
+  check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1={t.b1}, train.b2={t.b2}: must lie in [0, 1)")
+  check(t.warmup_steps <= t.num_steps, f"train.warmup_steps={t.warmup_steps} > train.num_steps={t.num_steps}")
+  for name, mult in t.lr_mult.items():
+    check(name in ("image", "text", "audio", "heads"), f"train.lr_mult.{name}: unknown tower; towers are image, text, audio, heads")
+    check(mult >= 0, f"train.lr_mult.{name}={mult}: must be >= 0 (0 freezes the tower)")
+  if t.grad_accum_steps >= 1:
+    check(t.batch_size % t.grad_accum_steps == 0,
+          f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+  check(config.data.snippets >= 1, f"data.snippets={config.data.snippets}: must be >= 1")
+  check(config.data.snippets <= config.model.temporal.max_len,
+        f"data.snippets={config.data.snippets} exceeds model.temporal.max_len={config.model.temporal.max_len} "
+        "(the temporal adapter's learned positions)")
+  check(config.eval.batch_size >= 1 and config.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be >= 1")
+
+  data_axis, fsdp_axis = config.mesh.data, config.mesh.fsdp
+  check(fsdp_axis >= 1, f"mesh.fsdp={fsdp_axis}: must be >= 1")
+  check(data_axis == -1 or data_axis >= 1, f"mesh.data={data_axis}: must be >= 1, or -1 for all remaining devices")
+  if num_devices is not None and fsdp_axis >= 1 and (data_axis == -1 or data_axis >= 1):
+    if data_axis == -1:
+      check(num_devices % fsdp_axis == 0, f"mesh.fsdp={fsdp_axis} does not divide the {num_devices} devices")
+      mesh_size = num_devices
+    else:
+      mesh_size = data_axis * fsdp_axis
+      check(mesh_size == num_devices, f"mesh data={data_axis} x fsdp={fsdp_axis} = {mesh_size} != {num_devices} devices")
+    if t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0:
+      micro = t.batch_size // t.grad_accum_steps
+      check(micro % mesh_size == 0,
+            f"micro-batch train.batch_size/grad_accum_steps={micro} is not divisible by the {mesh_size} mesh devices")
+    check(config.eval.batch_size % mesh_size == 0,
+          f"eval.batch_size={config.eval.batch_size} is not divisible by the {mesh_size} mesh devices")
+
+  if errors:
+    raise ValueError("Bad config:\n  " + "\n  ".join(errors))

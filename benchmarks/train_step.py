@@ -1,0 +1,162 @@
+"""The VarCMP train step in both regimes: samples/s, MFU, peak memory, input-pipeline time vs step time.
+
+  python benchmarks/train_step.py                   # full size (GPU): frames T=16 ViT-B/16 batch 64,
+                                                    #   features T=256 batch 256, bf16 compute
+  python benchmarks/train_step.py --small           # tiny sizes that run on a CPU in a minute
+  python benchmarks/train_step.py --regime features --batch 128 --steps 20
+
+Batches come from the real Grain pipeline over ArrayRecord shards of random records written to a temp
+dir, so "input" is the time to get the next host batch and place it on the devices, and "step" is the
+jitted train step alone (forward, backward, AdamW) until its outputs are ready. FLOPs per step are XLA's
+own count (compiled.cost_analysis()); MFU = achieved FLOP/s / the device's dense bf16 peak.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from varcmp_jax import config as config_lib
+from varcmp_jax.data import pipeline, records
+from varcmp_jax.model.varcmp import VarCMP
+from varcmp_jax.train import sharding
+from varcmp_jax.train.step import Trainer
+
+# Dense bf16 peak FLOP/s by jax device_kind (vendor datasheets, no sparsity).
+PEAK_BF16 = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "TPU v4": 275e12, "TPU v5p": 459e12}
+
+
+def make_config(regime: str, small: bool, batch: int | None, snippets: int | None):
+  c = config_lib.default_config(task="text", regime=regime)
+  if small:
+    c.model.clip = config_lib.clip_tiny(image_size=32, patch_size=8, width=64, depth=2)
+    c.model.temporal = dict(num_layers=1, num_heads=2, mlp_ratio=4, max_len=64)
+    c.model.anomaly_head = dict(hidden=64)
+    c.model.dtype = "float32"
+    c.data.snippets = 4 if regime == "frames" else 32
+    c.train.batch_size = 8 if regime == "frames" else 16
+  else:
+    c.model.clip = config_lib.clip_b16()
+    c.model.dtype = "bfloat16"
+    c.data.snippets = 16 if regime == "frames" else 256
+    c.train.batch_size = 64 if regime == "frames" else 256
+  c.data.snippets = snippets or c.data.snippets
+  c.model.temporal.max_len = max(c.model.temporal.max_len, c.data.snippets)
+  c.train.batch_size = batch or c.train.batch_size
+  c.train.warmup_steps, c.train.num_steps = 10, 1000
+  if regime == "features":
+    c.train.lr_mult.image = 0.0
+  return c
+
+
+def write_random_records(out: str, config, count: int):
+  """`count` records with the shapes of `config`: enough for one pass of the benchmark's batches."""
+  rng = np.random.default_rng(0)
+  t, m = config.data.snippets, config.model
+  name = "train-00000-of-00001.array_record"
+  writer = ArrayRecordWriter(os.path.join(out, name), "group_size:1")
+  for i in range(count):
+    tokens = np.zeros(77, np.int32)
+    tokens[0], tokens[1:12], tokens[12] = 49406, rng.integers(300, 40000, 11), 49407
+    record = dict(video=f"v{i}", caption="random", tokens=tokens, label=np.int32(i % 2), split="train",
+                  duration=np.float32(t), times=np.zeros((t, 2), np.float32), event=np.array([-1, -1], np.float32))
+    if config.regime == "frames":
+      size = m.clip.vision.image_size
+      record["frames"] = rng.integers(0, 256, (t, size, size, 3), dtype=np.uint8)
+    else:
+      d = m.clip.projection_dim
+      record["features"] = rng.normal(size=(t, d)).astype(np.float16)
+      record["regions"] = rng.normal(size=(t, m.region_grid ** 2, d)).astype(np.float16)
+    writer.write(records.encode_record(record))
+  writer.close()
+  with open(os.path.join(out, "manifest.json"), "w") as f:
+    json.dump({"splits": {"train": {"records": count, "shards": [name]}}, "skipped": []}, f)
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host max RSS"
+
+
+def bench(regime: str, args) -> dict:
+  config = make_config(regime, args.small, args.batch, args.snippets)
+  with tempfile.TemporaryDirectory() as tmp:
+    write_random_records(tmp, config, count=config.train.batch_size * 2)
+    config.data.records = tmp
+    config.data.worker_count = args.workers
+    mesh = sharding.make_mesh(config.mesh)
+    trainer = Trainer(VarCMP(config.model, task=config.task, regime=config.regime), config, mesh)
+    state = trainer.init_state(seed=0)
+    iterator = pipeline.make_train_iterator(config, config.train.batch_size // jax.process_count(), 0)
+
+    batch = trainer.shard_batch(next(iterator))
+    t = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+
+    for _ in range(args.warmup):
+      state, metrics = compiled(state, trainer.shard_batch(next(iterator)))
+    jax.block_until_ready(metrics)
+    input_s, step_s = [], []
+    for _ in range(args.steps):
+      t = time.perf_counter()
+      batch = jax.block_until_ready(trainer.shard_batch(next(iterator)))
+      t1 = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      t2 = time.perf_counter()
+      input_s.append(t1 - t)
+      step_s.append(t2 - t1)
+  step, inputs = float(np.median(step_s)), float(np.median(input_s))
+  device = jax.devices()[0]
+  peak = args.peak_tflops * 1e12 if args.peak_tflops else PEAK_BF16.get(device.device_kind)
+  memory, memory_kind = peak_memory_bytes()
+  return dict(
+      regime=regime, device=f"{jax.device_count()} x {device.device_kind}", batch=config.train.batch_size,
+      snippets=config.data.snippets, image_size=config.model.clip.vision.image_size if regime == "frames" else None,
+      dtype=config.model.dtype, compile_s=compile_s, step_ms=1e3 * step, input_ms=1e3 * inputs,
+      samples_per_s=config.train.batch_size / step, tflops_per_step=flops / 1e12,
+      achieved_tflops=flops / step / 1e12, mfu=(flops / step / peak) if peak else None,
+      peak_memory_gib=memory / 2 ** 30, memory_kind=memory_kind, loss=float(metrics["loss"]))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--regime", choices=("frames", "features", "both"), default="both")
+  p.add_argument("--small", action="store_true", help="tiny model and batch: a CPU smoke run")
+  p.add_argument("--batch", type=int, default=None)
+  p.add_argument("--snippets", type=int, default=None)
+  p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--workers", type=int, default=0, help="Grain worker processes")
+  p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
+  p.add_argument("--json", default=None, help="also write the results here")
+  args = p.parse_args(argv)
+  results = [bench(r, args) for r in (("frames", "features") if args.regime == "both" else (args.regime,))]
+  print(f"| regime | device | batch | T | dtype | step ms | input ms | samples/s | TFLOP/step | TFLOP/s | MFU | peak mem GiB |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for r in results:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    print(f"| {r['regime']} | {r['device']} | {r['batch']} | {r['snippets']} | {r['dtype']} | {r['step_ms']:.1f} | "
+          f"{r['input_ms']:.1f} | {r['samples_per_s']:.1f} | {r['tflops_per_step']:.4f} | {r['achieved_tflops']:.3f} | "
+          f"{mfu} | {r['peak_memory_gib']:.2f} ({r['memory_kind']}) |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

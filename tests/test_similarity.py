@@ -1,0 +1,195 @@
+"""Similarity levels against NumPy loops written from SPEC section 2, padding invariance, chunking."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from varcmp_jax.alignment import similarity
+from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
+
+G, Q, T, R, L, D = 5, 4, 6, 3, 5, 8
+
+# Jitted once per (task, chunk, levels): eager op-by-op dispatch is what makes small tests slow.
+levels_jit = jax.jit(similarity.level_similarities, static_argnames=("task", "chunk_size", "levels"))
+
+
+def cos(a, b):
+  return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def make_inputs(seed=0, num_videos=G, num_queries=Q):
+  rng = np.random.default_rng(seed)
+  mask = np.ones((num_videos, T), bool)
+  mask[1, 4:] = False                     # a short video
+  mask[-1, 1:] = False                    # a one-snippet video
+  video = dict(frames=rng.normal(size=(num_videos, T, D)), regions=rng.normal(size=(num_videos, T, R, D)),
+               mask=mask, anomaly=rng.uniform(size=(num_videos, T)))
+  weights = rng.uniform(size=(num_videos, T)) * mask
+  word_mask = np.ones((num_queries, L), bool)
+  word_mask[0, 2:] = False
+  word_mask[2, 4:] = False
+  text = dict(sentence=rng.normal(size=(num_queries, D)), words=rng.normal(size=(num_queries, L, D)),
+              word_mask=word_mask)
+  audio_mask = np.ones((num_queries, T), bool)
+  audio_mask[1, 3:] = False
+  audio = dict(segments=rng.normal(size=(num_queries, T, D)), mask=audio_mask)
+  return video, weights, text, audio
+
+
+def to_jax(video, weights, text, audio):
+  v = VideoEmbeddings(**{k: jnp.asarray(x, jnp.float32 if x.dtype != bool else bool) for k, x in video.items()})
+  t = TextEmbeddings(**{k: jnp.asarray(x, jnp.float32 if x.dtype != bool else bool) for k, x in text.items()})
+  a = AudioEmbeddings(**{k: jnp.asarray(x, jnp.float32 if x.dtype != bool else bool) for k, x in audio.items()})
+  return v, jnp.asarray(weights, jnp.float32), t, a
+
+
+# --- NumPy references: one (query, video) pair at a time, straight from the formulas --------------------
+
+
+def valid(mask):
+  return [i for i in range(len(mask)) if mask[i]]
+
+
+def ref_text(video, weights, text):
+  out = {name: np.zeros((len(text["sentence"]), len(video["frames"]))) for name in ("video", "frame", "spatial")}
+  for q in range(len(text["sentence"])):
+    s = text["sentence"][q]
+    words = [text["words"][q, l] for l in valid(text["word_mask"][q])]
+    for g in range(len(video["frames"])):
+      ts = valid(video["mask"][g])
+      out["video"][q, g] = cos(np.mean([video["frames"][g, t] for t in ts], axis=0), s)
+      out["frame"][q, g] = sum(weights[g, t] * cos(video["frames"][g, t], s) for t in ts)
+      total = 0.0
+      for t in ts:
+        regions = video["regions"][g, t]
+        word_side = np.mean([max(cos(r, w) for r in regions) for w in words])
+        region_side = np.mean([max(cos(r, w) for w in words) for r in regions])
+        total += weights[g, t] * 0.5 * (word_side + region_side)
+      out["spatial"][q, g] = total
+  return out
+
+
+def ref_audio(video, weights, audio):
+  out = {name: np.zeros((len(audio["segments"]), len(video["frames"]))) for name in ("semantic", "temporal", "spatial")}
+  for q in range(len(audio["segments"])):
+    audio_ts = valid(audio["mask"][q])
+    u_mean = np.mean([audio["segments"][q, t] for t in audio_ts], axis=0)
+    for g in range(len(video["frames"])):
+      ts = valid(video["mask"][g])
+      out["semantic"][q, g] = cos(np.mean([video["frames"][g, t] for t in ts], axis=0), u_mean)
+      # Snippets where either side is padding contribute nothing.
+      both = [t for t in ts if audio["mask"][q, t]]
+      out["temporal"][q, g] = sum(weights[g, t] * cos(video["frames"][g, t], audio["segments"][q, t]) for t in both)
+      out["spatial"][q, g] = sum(weights[g, t] * max(cos(r, audio["segments"][q, t]) for r in video["regions"][g, t])
+                                 for t in both)
+  return out
+
+
+@pytest.mark.parametrize("task", ["text", "audio"])
+def test_levels_match_numpy_loops(task):
+  video, weights, text, audio = make_inputs()
+  v, w, t, a = to_jax(video, weights, text, audio)
+  got = levels_jit(v, w, t if task == "text" else a, task=task, chunk_size=None)
+  want = ref_text(video, weights, text) if task == "text" else ref_audio(video, weights, audio)
+  assert set(got) == set(want)
+  for name in want:
+    assert got[name].shape == (Q, G)
+    np.testing.assert_allclose(np.asarray(got[name]), want[name], atol=2e-5, err_msg=name)
+
+
+def pad_with_garbage(video, weights, text, audio, extra_t=3, extra_l=4):
+  """Appends padded snippets/words/segments holding huge values and NaNs, with random weights."""
+  rng = np.random.default_rng(7)
+  def grow(x, axis, extra, fill):
+    shape = list(x.shape)
+    shape[axis] = extra
+    return np.concatenate([x, fill(shape)], axis=axis)
+  garbage = lambda shape: np.where(rng.uniform(size=shape) < 0.2, np.nan, 1e6 * rng.normal(size=shape))
+  video = dict(frames=grow(video["frames"], 1, extra_t, garbage), regions=grow(video["regions"], 1, extra_t, garbage),
+               mask=grow(video["mask"], 1, extra_t, lambda s: np.zeros(s, bool)),
+               anomaly=grow(video["anomaly"], 1, extra_t, lambda s: rng.uniform(size=s)))
+  weights = grow(weights, 1, extra_t, lambda s: rng.uniform(size=s))
+  text = dict(sentence=text["sentence"], words=grow(text["words"], 1, extra_l, garbage),
+              word_mask=grow(text["word_mask"], 1, extra_l, lambda s: np.zeros(s, bool)))
+  audio = dict(segments=grow(audio["segments"], 1, extra_t, garbage),
+               mask=grow(audio["mask"], 1, extra_t, lambda s: np.zeros(s, bool)))
+  return video, weights, text, audio
+
+
+@pytest.mark.parametrize("task", ["text", "audio"])
+def test_padding_never_changes_a_result(task):
+  inputs = make_inputs(seed=1)
+  v, w, t, a = to_jax(*inputs)
+  pv, pw, pt, pa = to_jax(*pad_with_garbage(*inputs))
+  base = levels_jit(v, w, t if task == "text" else a, task=task, chunk_size=2)
+  padded = levels_jit(pv, pw, pt if task == "text" else pa, task=task, chunk_size=2)
+  for name in base:
+    assert np.all(np.isfinite(np.asarray(padded[name]))), name
+    np.testing.assert_allclose(np.asarray(padded[name]), np.asarray(base[name]), atol=1e-6, err_msg=name)
+  # Localization too: the first Q videos paired with the Q queries; padded snippets score exactly 0.
+  first = lambda tree: jax.tree.map(lambda x: x[:Q], tree)
+  base_rel = similarity.snippet_relevance(first(v), w[:Q], t if task == "text" else a)
+  padded_rel = np.asarray(similarity.snippet_relevance(first(pv), pw[:Q], pt if task == "text" else pa))
+  np.testing.assert_allclose(padded_rel[:, :T], np.asarray(base_rel), atol=1e-6)
+  assert np.all(padded_rel[:, T:] == 0.0)
+
+
+@pytest.mark.parametrize("task", ["text", "audio"])
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_chunked_equals_unchunked(task, chunk):
+  # 7 queries x 9 videos: 1 divides both, 4 neither (overlapping last blocks), 7 is one whole query block.
+  v, w, t, a = to_jax(*make_inputs(seed=2, num_videos=9, num_queries=7))
+  query = t if task == "text" else a
+  full = levels_jit(v, w, query, task=task, chunk_size=None)
+  chunked = levels_jit(v, w, query, task=task, chunk_size=chunk)
+  for name in full:
+    assert chunked[name].shape == (7, 9)
+    np.testing.assert_allclose(np.asarray(chunked[name]), np.asarray(full[name]), atol=1e-6, err_msg=name)
+
+
+def test_spatial_gradients_chunked_equal_unchunked():
+  v, w, t, _ = to_jax(*make_inputs(seed=3))
+  def total(regions, words, chunk):
+    video = v.replace(regions=regions)
+    query = t.replace(words=words)
+    return jnp.sum(similarity.text_spatial_level(video, w, query, chunk) ** 2)
+  grad = jax.jit(jax.grad(total, argnums=(0, 1)), static_argnums=2)
+  full, chunked = grad(v.regions, t.words, None), grad(v.regions, t.words, 3)
+  for a, b in zip(full, chunked):
+    assert np.all(np.isfinite(np.asarray(b)))
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["text", "audio"])
+def test_snippet_relevance_per_pair(task):
+  video, weights, text, audio = make_inputs(seed=4, num_videos=4, num_queries=4)
+  v, w, t, a = to_jax(video, weights, text, audio)
+  got = np.asarray(similarity.snippet_relevance(v, w, t if task == "text" else a))
+  assert got.shape == (4, T)
+  for p in range(4):
+    for step in range(T):
+      if not video["mask"][p, step] or (task == "audio" and not audio["mask"][p, step]):
+        assert got[p, step] == 0.0
+        continue
+      q = text["sentence"][p] if task == "text" else audio["segments"][p, step]
+      np.testing.assert_allclose(got[p, step], weights[p, step] * cos(video["frames"][p, step], q), atol=1e-6)
+  # Summed over snippets it is the pair's frame (text) / temporal (audio) similarity.
+  level = "frame" if task == "text" else "temporal"
+  sims = levels_jit(v, w, t if task == "text" else a, task=task, levels=(level,))
+  np.testing.assert_allclose(got.sum(1), np.diagonal(np.asarray(sims[level])), atol=1e-5)
+
+
+def test_combined_score_weights_levels():
+  levels = {"video": jnp.ones((2, 3)), "frame": 2 * jnp.ones((2, 3)), "spatial": 3 * jnp.ones((2, 3))}
+  got = similarity.combined_score(levels, {"video": 1.0, "frame": 0.5, "spatial": 0.0})
+  np.testing.assert_allclose(np.asarray(got), 2.0 * np.ones((2, 3)))
+  with pytest.raises(ValueError, match="spatial"):
+    similarity.combined_score({"video": levels["video"]}, {"video": 1.0, "spatial": 1.0})
+
+
+def test_bad_arguments_are_named():
+  v, w, t, a = to_jax(*make_inputs())
+  with pytest.raises(ValueError, match="not levels of task"):
+    similarity.level_similarities(v, w, t, "text", levels=("temporal",))
+  with pytest.raises(TypeError, match="AudioEmbeddings"):
+    similarity.level_similarities(v, w, t, "audio")

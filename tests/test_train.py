@@ -1,0 +1,145 @@
+"""The train step: gradient accumulation, per-tower learning rates and freezing, the schedule."""
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from varcmp_jax.train import optimizer as optimizer_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_tower_of_paths():
+  assert optimizer_lib.tower_of("clip/vision/encoder/layers_0/kernel") == "image"
+  assert optimizer_lib.tower_of("clip/visual_projection/kernel") == "image"
+  assert optimizer_lib.tower_of("clip/text/token_embedding/embedding") == "text"
+  assert optimizer_lib.tower_of("clip/text_projection/kernel") == "text"
+  assert optimizer_lib.tower_of("audio/vit/kernel") == "audio"
+  assert optimizer_lib.tower_of("clip/logit_scale") == "heads"
+  assert optimizer_lib.tower_of("temporal/attn/kernel") == "heads"
+  assert optimizer_lib.tower_of("logit_scales/video") == "heads"
+  assert optimizer_lib.tower_of("anomaly_head/fc1/bias") == "heads"
+
+
+def test_schedule_warmup_then_cosine():
+  config = load_config("tiny_text").train
+  config.learning_rate, config.warmup_steps, config.num_steps = 0.1, 10, 110
+  schedule = optimizer_lib.learning_rate_schedule(config)
+  for step, expected in [(0, 0.0), (5, 0.05), (10, 0.1), (60, 0.05), (110, 0.0)]:
+    assert float(schedule(step)) == pytest.approx(expected, abs=1e-7)
+  assert float(schedule(35)) == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 25 / 100)), rel=1e-5)
+
+
+def _numpy_adamw(params, grads_per_step, lr_of_step, mults, wd, b1, b2, clip, eps=1e-8):
+  """Reference AdamW written out: frozen towers zeroed, global-norm clip, bias-corrected moments."""
+  params = {k: v.astype(np.float64).copy() for k, v in params.items()}
+  mu = {k: np.zeros_like(v) for k, v in params.items()}
+  nu = {k: np.zeros_like(v) for k, v in params.items()}
+  for step, grads in enumerate(grads_per_step):
+    grads = {k: (0.0 if mults[k] == 0 else 1.0) * g.astype(np.float64) for k, g in grads.items()}
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
+    scale = min(1.0, clip / norm)
+    for k in params:
+      if mults[k] == 0:
+        continue
+      g = grads[k] * scale
+      mu[k] = b1 * mu[k] + (1 - b1) * g
+      nu[k] = b2 * nu[k] + (1 - b2) * g * g
+      m_hat, v_hat = mu[k] / (1 - b1 ** (step + 1)), nu[k] / (1 - b2 ** (step + 1))
+      decay = wd * params[k] if params[k].ndim >= 2 else 0.0
+      params[k] = params[k] - mults[k] * lr_of_step(step) * (m_hat / (np.sqrt(v_hat) + eps) + decay)
+  return params
+
+
+def test_per_tower_learning_rates_and_freezing_match_numpy_adamw():
+  config = load_config("tiny_text").train
+  config.learning_rate, config.warmup_steps, config.num_steps = 0.01, 2, 10
+  config.weight_decay, config.grad_clip_norm = 0.1, 1.0
+  config.lr_mult = dict(image=0.0, text=0.5, audio=2.0, heads=1.0)
+  rng = np.random.default_rng(0)
+  shapes = {"clip/vision/proj/kernel": (4, 3), "clip/visual_projection/kernel": (3, 3),
+            "clip/text/ln/bias": (3,), "clip/text_projection/kernel": (3, 2), "audio/fc/kernel": (2, 5),
+            "temporal/fc/kernel": (5, 2), "logit_scales/video": ()}
+  flat = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  mults = {k: config.lr_mult[optimizer_lib.tower_of(k)] for k in flat}
+
+  def nest(d):
+    tree = {}
+    for path, value in d.items():
+      node = tree
+      *parents, leaf = path.split("/")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = jnp.asarray(value)
+    return tree
+
+  def unnest(tree):
+    from varcmp_jax.train.sharding import path_str
+    return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  grads_per_step = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)]
+  tx = optimizer_lib.make_optimizer(config, nest(flat))
+  params = nest(flat)
+  state = tx.init(params)
+  for grads in grads_per_step:
+    updates, state = tx.update(nest(grads), state, params)
+    params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+  schedule = optimizer_lib.learning_rate_schedule(config)
+  expected = _numpy_adamw(flat, grads_per_step, lambda s: float(schedule(s)), mults, config.weight_decay,
+                          config.b1, config.b2, config.grad_clip_norm)
+  got = unnest(params)
+  for k in flat:
+    np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_array_equal(got["clip/vision/proj/kernel"], flat["clip/vision/proj/kernel"])   # frozen
+
+
+def _random_batch(config, batch_size, seed):
+  from varcmp_jax.train.step import example_batch
+  rng = np.random.default_rng(seed)
+  b = example_batch(config, batch_size)
+  n, t = b["mask"].shape
+  for key in ("features", "regions"):
+    b[key] = rng.normal(size=b[key].shape).astype(np.float32)
+  b["tokens"][:] = 0
+  for i, length in enumerate(rng.integers(4, 12, n)):
+    b["tokens"][i, 0], b["tokens"][i, 1:length], b["tokens"][i, length] = 49406, rng.integers(300, 4000, length - 1), 49407
+  b["mask"] = np.arange(t)[None] < rng.integers(1, t + 1, n)[:, None]
+  b["label"] = rng.integers(0, 2, n).astype(np.int32)
+  return b
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  """k = 4 micro-batches of 2 (GradCache) give the loss and gradient of one batch of 8."""
+  from varcmp_jax.model.varcmp import VarCMP
+  from varcmp_jax.train import sharding
+  from varcmp_jax.train.step import Trainer
+  config = load_config("tiny_text", "features")
+  config.mesh.data = 1
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model = VarCMP(config.model, task=config.task, regime=config.regime)
+  batch = _random_batch(config, config.train.batch_size, seed=1)
+  results = []
+  for k in (1, 4):
+    config.train.grad_accum_steps = k
+    trainer = Trainer(model, config, mesh)
+    params = trainer.init_state(seed=0)["params"]
+    (loss, terms), grads = jax.jit(trainer.loss_and_grads)(params, batch)
+    results.append((float(loss), jax.device_get(terms), jax.device_get(grads)))
+  (loss1, terms1, grads1), (loss4, terms4, grads4) = results
+  assert loss4 == pytest.approx(loss1, rel=1e-5)
+  for name in terms1:
+    assert float(terms4[name]) == pytest.approx(float(terms1[name]), rel=1e-5), name
+  flat1, flat4 = jax.tree_util.tree_leaves_with_path(grads1), jax.tree_util.tree_leaves(grads4)
+  assert any(np.abs(g).max() > 1e-3 for _, g in flat1)
+  for (path, g1), g4 in zip(flat1, flat4):
+    np.testing.assert_allclose(g4, g1, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

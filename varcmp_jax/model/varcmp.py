@@ -1,0 +1,187 @@
+"""VarCMP: CLIP towers + temporal adapters + anomaly head + per-level logit scales (SPEC section 2).
+
+  model = VarCMP(config.model, task=config.task, regime=config.regime)
+  params = model.init(rng, batch)["params"]
+  video = model.apply({"params": params}, batch, method=model.encode_video)   # VideoEmbeddings
+  query = model.apply({"params": params}, batch, method=model.encode_query)   # TextEmbeddings | AudioEmbeddings
+  video, query = model.apply({"params": params}, batch)
+  scales = model.apply({"params": params}, method=model.logit_scales)         # {level: clipped log scale}
+
+Top-level params, only those the task and regime use:
+  clip          a clip.CLIP tree: the image tower (`vision`, `visual_projection`) in the frames regime, the text
+                tower (`text`, `text_projection`) in the text task, and CLIP's own `logit_scale` (unused by
+                VarCMP) whenever either is there. The features regime has no image tower: its g_t, r_{t,k}
+                were computed by the tower beforehand, and a tower kept here would get no gradient while
+                weight decay still shrank it. The audio task has no text tower.
+  temporal      video temporal adapter.
+  audio         audio tower with its own temporal adapter (audio task).
+  anomaly_head  MLP on f_t -> a_t.
+  logit_scales  {level: scalar}, one learned log-scale per similarity level.
+Outputs are float32 whatever the compute dtype; padded snippets and non-word tokens are zero.
+"""
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from varcmp_jax import config as config_lib
+from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
+from varcmp_jax.clip import model as clip_model
+from varcmp_jax.model import audio as audio_lib
+from varcmp_jax.model.regions import pool_regions
+from varcmp_jax.model.temporal import TemporalAdapter
+
+
+class AnomalyHead(nn.Module):
+  """a_t = sigmoid(MLP(f_t)), in float32."""
+  hidden: int
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+
+  @nn.compact
+  def __call__(self, f):
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(f.astype(self.dtype))
+    x = nn.Dense(1, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(nn.gelu(x))
+    return jax.nn.sigmoid(x[..., 0].astype(jnp.float32))
+
+
+def clip_config(model_cfg) -> clip_model.CLIPConfig:
+  """The CLIPConfig (sizes + dtype, attention kernel, remat) that config.model describes."""
+  return clip_model.CLIPConfig.from_dict(model_cfg.clip, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+                                         attention_impl=model_cfg.attention_impl, remat=model_cfg.remat)
+
+
+def _require(batch, key: str, why: str):
+  if key not in batch:
+    raise ValueError(f"VarCMP: the batch has no {key!r} ({why}); it has {sorted(batch)}")
+  return batch[key]
+
+
+class VarCMP(nn.Module):
+  """See the module docstring. `model_cfg` is config.model; a ConfigDict is frozen so the module hashes."""
+  model_cfg: Any
+  task: str = "text"
+  regime: str = "frames"
+
+  def __post_init__(self):
+    if not isinstance(self.model_cfg, ml_collections.FrozenConfigDict):
+      object.__setattr__(self, "model_cfg", ml_collections.FrozenConfigDict(self.model_cfg))
+    if self.task not in config_lib.TASK_LEVELS:
+      raise ValueError(f"VarCMP: unknown task {self.task!r}; expected one of {sorted(config_lib.TASK_LEVELS)}")
+    if self.regime not in ("frames", "features"):
+      raise ValueError(f"VarCMP: unknown regime {self.regime!r}; expected 'frames' or 'features'")
+    if self.task == "audio" and self.model_cfg.audio.kind not in ("spectrogram", "features"):
+      raise ValueError(f"VarCMP: unknown config.model.audio.kind {self.model_cfg.audio.kind!r}; expected "
+                       f"'spectrogram' or 'features'")
+    super().__post_init__()
+
+  def setup(self):
+    cfg = self.model_cfg
+    tower = clip_config(cfg)
+    run = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    temporal = cfg.temporal
+    if self.regime == "frames" or self.task == "text":
+      self.clip = clip_model.CLIP(tower)
+    self.temporal = TemporalAdapter(**temporal, **run)
+    self.anomaly_head = AnomalyHead(cfg.anomaly_head.hidden, **run)
+    if self.task == "audio" and cfg.audio.kind == "spectrogram":
+      vision = audio_lib.spectrogram_vision_config(tower.vision, cfg.audio.mel_frames, cfg.audio.mel_bins,
+                                                   cfg.audio.patch_size)
+      self.audio = audio_lib.SpectrogramTower(vision, tower.projection_dim, temporal,
+                                              attention_impl=tower.attention_impl, remat=tower.remat, **run)
+    elif self.task == "audio":
+      self.audio = audio_lib.FeatureTower(cfg.audio.feature_dim, tower.projection_dim, temporal, **run)
+    init = nn.initializers.constant(cfg.logit_scale_init)
+    self.scale_params = self.param(
+        "logit_scales", lambda rng: {level: init(rng, (), jnp.dtype(cfg.param_dtype))
+                                     for level in config_lib.TASK_LEVELS[self.task]})
+
+  def image_features(self, frames):
+    """(B, T, S, S, 3) uint8 frames -> g (B, T, D), r (B, T, R, D) float32: the tower's per-snippet outputs.
+
+    Exactly what the features regime reads from batch["features"] / batch["regions"].
+    """
+    if frames.ndim != 5 or frames.shape[-1] != 3:
+      raise ValueError(f"VarCMP: batch['frames'] must be (B, T, S, S, 3) uint8, got {frames.shape}")
+    batch, snippets = frames.shape[:2]
+    pixels = clip_model.normalize_pixels(jnp.asarray(frames).reshape(batch * snippets, *frames.shape[2:]))
+    pixels = pixels.astype(self.model_cfg.dtype)
+    cls, patches = self.clip.image_tokens(pixels)
+    regions = pool_regions(patches, self.clip.config.vision.grid, self.model_cfg.region_grid)
+    return (cls.astype(jnp.float32).reshape(batch, snippets, -1),
+            regions.reshape(batch, snippets, *regions.shape[1:]))
+
+  def encode_video(self, batch) -> VideoEmbeddings:
+    mask = jnp.asarray(_require(batch, "mask", "the (B, T) valid-snippet mask"), bool)
+    if self.regime == "frames":
+      g, r = self.image_features(_require(batch, "frames", "frames regime"))
+    else:
+      g = jnp.asarray(_require(batch, "features", "features regime"), jnp.float32)
+      r = jnp.asarray(_require(batch, "regions", "features regime"), jnp.float32)
+      width, regions = self.model_cfg.clip.projection_dim, self.model_cfg.region_grid ** 2
+      if g.ndim != 3 or g.shape[-1] != width or r.shape != (*g.shape[:2], regions, width):
+        raise ValueError(f"VarCMP: features regime needs batch['features'] (B, T, {width}) and batch['regions'] "
+                         f"(B, T, {regions}, {width}) (config.model.clip.projection_dim, region_grid**2), got "
+                         f"{g.shape} and {r.shape}")
+    if mask.shape != g.shape[:2]:
+      raise ValueError(f"VarCMP: batch['mask'] has shape {mask.shape}, the snippets are {g.shape[:2]}")
+    f = self.temporal(g, mask)
+    anomaly = jnp.where(mask, self.anomaly_head(f), 0.0)
+    prior = batch.get("prior")
+    return VideoEmbeddings(
+        frames=f, regions=jnp.where(mask[..., None, None], r, 0.0), mask=mask, anomaly=anomaly,
+        external_prior=None if prior is None else jnp.where(mask, jnp.asarray(prior, jnp.float32), 0.0))
+
+  def encode_query(self, batch) -> TextEmbeddings | AudioEmbeddings:
+    if self.task == "text":
+      sentence, words, word_mask = self.clip.text_tokens(jnp.asarray(_require(batch, "tokens", "text task")))
+      return TextEmbeddings(sentence=sentence.astype(jnp.float32),
+                            words=jnp.where(word_mask[..., None], words.astype(jnp.float32), 0.0),
+                            word_mask=word_mask)
+    mask = jnp.asarray(_require(batch, "mask", "the (B, T) valid-snippet mask"), bool)
+    if self.model_cfg.audio.kind == "spectrogram":
+      segments = self.audio(jnp.asarray(_require(batch, "mel", "audio.kind = 'spectrogram'")), mask)
+    else:
+      segments = self.audio(jnp.asarray(_require(batch, "audio_features", "audio.kind = 'features'")), mask)
+    return AudioEmbeddings(segments=segments, mask=mask)
+
+  def logit_scales(self) -> dict[str, jax.Array]:
+    """{level: learned log-scale}, clipped at config.model.logit_scale_max."""
+    return {level: jnp.minimum(s, self.model_cfg.logit_scale_max) for level, s in self.scale_params.items()}
+
+  def __call__(self, batch):
+    return self.encode_video(batch), self.encode_query(batch)
+
+
+def load_clip(params, clip_params, model_cfg=None):
+  """params with imported CLIP weights (`varcmp_jax.clip.load` / `clip.from_hf`) in params["clip"].
+
+  Only the parts this model has are taken (an unused tower is dropped). With model_cfg whose
+  audio.init_from_image is true and a spectrogram audio tower in params, the audio tower is also started from
+  the imported image tower (`init_audio_from_image`). Returns a new tree; shapes are checked, dtypes kept.
+  """
+  clip_params = clip_params.get("params", clip_params)
+  params = dict(params)
+  if "clip" in params:
+    wanted = flax.traverse_util.flatten_dict(params["clip"], sep="/")
+    given = flax.traverse_util.flatten_dict({k: v for k, v in clip_params.items() if k in params["clip"]}, sep="/")
+    if set(wanted) != set(given):
+      raise ValueError(f"load_clip: the imported CLIP params lack {sorted(set(wanted) - set(given))[:5]} and have "
+                       f"unexpected {sorted(set(given) - set(wanted))[:5]}; does config.model.clip match the "
+                       f"checkpoint?")
+    params["clip"] = flax.traverse_util.unflatten_dict(
+        {path: _fit(given[path], leaf, path) for path, leaf in wanted.items()}, sep="/")
+  if model_cfg is not None and model_cfg.audio.init_from_image and "vit" in params.get("audio", {}):
+    params["audio"] = audio_lib.init_audio_from_image(params["audio"], clip_params,
+                                                      audio_lib.spectrogram_grid(model_cfg.audio))
+  return params
+
+
+def _fit(src, dst, name: str):
+  if src.shape != dst.shape:
+    raise ValueError(f"load_clip: imported clip/{name} has shape {src.shape}, the model needs {dst.shape}; "
+                     f"does config.model.clip match the checkpoint?")
+  return jnp.asarray(src, dst.dtype)

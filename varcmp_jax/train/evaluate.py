@@ -1,0 +1,85 @@
+"""Evaluation: embed the eval split in sharded batches, score every level and the combined score, report.
+
+Embedding runs batch by batch through one jit over the mesh (the same sharding as training); the (Q, G)
+similarities are computed from the gathered embeddings, the spatial level in chunk_size x chunk_size
+blocks, so an 800 x 800 gallery with T = 256 fits one device.
+"""
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from varcmp_jax import metrics
+from varcmp_jax.alignment import similarity, weighting
+from varcmp_jax.data import pipeline
+from varcmp_jax.train import checkpoint as checkpoint_lib
+from varcmp_jax.train.step import Trainer, model_inputs
+
+
+def embed_split(trainer: Trainer, params, split: str):
+  """(video, query) embeddings of every record of `split`, host numpy, in record order."""
+  config, mesh, model = trainer.config, trainer.mesh, trainer.model
+  batches = pipeline.make_eval_iterator(config, split, config.eval.batch_size // jax.process_count())
+  replicated = NamedSharding(mesh, P())
+
+  @functools.partial(jax.jit, in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding),
+                     out_shardings=replicated)
+  def encode(params, batch):
+    return model.apply({"params": params}, model_inputs(batch)), batch["valid"], batch["index"]
+
+  pieces, indices = [], []
+  for batch in tqdm.tqdm(batches, desc=f"embed {split}", disable=jax.process_index() != 0):
+    embeddings, valid, index = jax.device_get(encode(params, trainer.shard_batch(batch)))
+    pieces.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[valid], embeddings))
+    indices.append(np.asarray(index)[valid])
+  order = np.argsort(np.concatenate(indices))
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[order], *pieces)
+
+
+def level_and_combined_similarities(video, query, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """{level: (Q, G)} for every level of the task plus "combined" = sum_g lambda_g S_g."""
+  @jax.jit
+  def score(video, query):
+    prior = weighting.prior(video, config.prior)
+    weights = weighting.snippet_weights(prior, video.mask, config.weighting.beta, config.weighting.tau)
+    levels = similarity.level_similarities(video, weights, query, config.task, config.eval.chunk_size)
+    return {**levels, "combined": similarity.combined_score(levels, config.loss.levels)}
+  return jax.device_get(score(video, query))
+
+
+def evaluate_params(trainer: Trainer, params, split: str | None = None) -> dict:
+  config = trainer.config
+  video, query = embed_split(trainer, params, split or config.data.eval_split)
+  sims = level_and_combined_similarities(video, query, config)
+  return metrics.report(sims, config.task)
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """(trainer, params, step): the workdir's checkpoint (latest or `step`) restored onto this run's mesh."""
+  from varcmp_jax.train import train as train_lib   # the builder shared with training (which imports us)
+  _, _, trainer = train_lib.build(config)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to evaluate; run `varcmp train` first")
+  target = checkpoint_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
+  state = checkpointer.restore(target, None, step)
+  checkpointer.close()
+  return trainer, state["params"], step
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+  """Evaluates the workdir's checkpoint on config.data.eval_split, writes eval.json, prints the table."""
+  trainer, params, step = restore_params(config, workdir, step)
+  result = evaluate_params(trainer, params)
+  if jax.process_index() == 0:
+    print(f"step {step}, {config.data.eval_split} split of {config.data.records}")
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    print(metrics.format_table(result))
+  return result

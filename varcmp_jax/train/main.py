@@ -1,0 +1,68 @@
+"""`varcmp train` and `varcmp eval`: ml_collections config files with command-line overrides.
+
+  varcmp train --config configs/synthetic.py --workdir /tmp/run --config.train.num_steps=300
+  varcmp train --config configs/ucfcrime_ar.py:features --workdir runs/ucf
+  varcmp eval  --config configs/synthetic.py --workdir /tmp/run
+"""
+from absl import flags
+from ml_collections import config_flags
+
+from varcmp_jax import config as config_lib
+
+
+def load_config_file(path: str, overrides=()):
+  """The ConfigDict of `path[:arg]` with `--config.x.y=value` overrides applied (not validated)."""
+  argv = ["varcmp", f"--config={path}", *overrides]
+  values = flags.FlagValues()
+  # sys_argv: config_flags finds the overrides there (default: sys.argv, not the argv parsed below).
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def _parse(argv: list[str], prog: str, eval_flags: bool = False):
+  """Parses argv into a fresh FlagValues (so train and eval can both run in one process)."""
+  argv = [prog] + list(argv)
+  values = flags.FlagValues()
+  # sys_argv: config_flags finds the overrides there (default: sys.argv, not the argv parsed below).
+  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/synthetic.py[:arg]",
+                                  flag_values=values, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and eval.json", flag_values=values)
+  if eval_flags:
+    flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)", flag_values=values)
+  try:
+    values(argv)
+  except flags.Error as e:
+    raise SystemExit(f"{prog}: {e}\nusage: {prog} --config configs/<name>.py[:arg] --workdir DIR "
+                     "[--config.x.y=value ...]")
+  for name in ("config", "workdir"):
+    if values[name].value is None:
+      raise SystemExit(f"{prog}: --{name} is required")
+  try:   # bad values fail here, before jax starts or data is read
+    config_lib.validate(values.config)
+  except ValueError as e:
+    raise SystemExit(f"{prog}: {values['config'].config_filename}: {e}")
+  if not values.config.data.records:
+    raise SystemExit(f"{prog}: config.data.records is empty: pass --config.data.records=DIR "
+                     "(a directory written by `varcmp prep`)")
+  # grain's worker processes read absl's global flags; mark them parsed as absl.app would.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return values
+
+
+def train_main(argv: list[str]) -> int:
+  values = _parse(argv, "varcmp train")
+  from varcmp_jax.train import train as train_lib   # after parsing: --help stays fast
+  train_lib.maybe_initialize_distributed()
+  train_lib.train(values.config, values.workdir)
+  return 0
+
+
+def eval_main(argv: list[str]) -> int:
+  values = _parse(argv, "varcmp eval", eval_flags=True)
+  from varcmp_jax.train import evaluate as evaluate_lib
+  from varcmp_jax.train import train as train_lib
+  train_lib.maybe_initialize_distributed()
+  evaluate_lib.evaluate(values.config, values.workdir, values.step)
+  return 0
