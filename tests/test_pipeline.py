@@ -89,8 +89,8 @@ def check_batch(batch, recs, keys):
       expected, mask = reference_fit(record[key], SNIPPETS)
       np.testing.assert_array_equal(batch[key][row], expected.astype(batch[key].dtype), err_msg=key)
       np.testing.assert_array_equal(batch["mask"][row], mask)
-    prior = record.get("prior", np.zeros(record[keys[0]].shape[0], np.float32))
-    np.testing.assert_array_equal(batch["prior"][row], reference_fit(prior, SNIPPETS)[0])
+    if "prior" in batch:
+      np.testing.assert_array_equal(batch["prior"][row], reference_fit(record["prior"], SNIPPETS)[0])
     np.testing.assert_array_equal(batch["tokens"][row], record["tokens"])
     assert batch["label"][row] == record["label"]
 
@@ -115,13 +115,29 @@ def test_features_batches_match_numpy_reference(data):
   it = pipeline.make_train_iterator(make_config(root), batch_size_per_process=4, seed=0)
   for _ in range(4):   # more than one epoch of 12 records
     batch = next(it)
-    assert set(batch) == {"features", "regions", "tokens", "label", "mask", "prior", "index"}
+    assert set(batch) == {"features", "regions", "tokens", "label", "mask", "index"}
     shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
     assert shapes == {
         "features": ((4, SNIPPETS, D), np.float32), "regions": ((4, SNIPPETS, R, D), np.float32),
         "tokens": ((4, 77), np.int32), "label": ((4,), np.int32), "mask": ((4, SNIPPETS), np.bool_),
-        "prior": ((4, SNIPPETS), np.float32), "index": ((4,), np.int32)}
+        "index": ((4,), np.int32)}
     check_batch(batch, recs["train"], ["features", "regions"])
+
+
+def test_external_prior_travels_only_when_the_config_reads_it(tmp_path, data):
+  rng = np.random.default_rng(3)
+  recs = [make_record(i, n, rng, with_prior=True) for i, n in enumerate([3, 9, 5, 12])]
+  config = make_config(write_records(tmp_path, {"train": recs}, shards=1))
+  config.prior.source = "external"
+  batch = next(pipeline.make_train_iterator(config, batch_size_per_process=4, seed=0))
+  assert batch["prior"].shape == (4, SNIPPETS) and batch["prior"].dtype == np.float32
+  check_batch(batch, recs, ["features", "regions"])
+  # Records without a prior (some in `data`) are an error naming the record, not silent zeros.
+  config = make_config(data[0])
+  config.prior.source = "mean"
+  with pytest.raises(KeyError, match="no external 'prior'"):
+    for _ in range(4):
+      next(pipeline.make_train_iterator(config, batch_size_per_process=4, seed=0))
 
 
 def test_frames_audio_batches_match_numpy_reference(data):
@@ -129,7 +145,7 @@ def test_frames_audio_batches_match_numpy_reference(data):
   it = pipeline.make_train_iterator(make_config(root, "frames", "audio"), batch_size_per_process=3, seed=1)
   for _ in range(3):
     batch = next(it)
-    assert set(batch) == {"frames", "mel", "tokens", "label", "mask", "prior", "index"}
+    assert set(batch) == {"frames", "mel", "tokens", "label", "mask", "index"}
     assert batch["frames"].dtype == np.uint8 and batch["frames"].shape == (3, SNIPPETS, S, S, 3)
     assert batch["mel"].dtype == np.float32 and batch["mel"].shape == (3, SNIPPETS) + MEL
     check_batch(batch, recs["train"], ["frames", "mel"])
@@ -201,7 +217,7 @@ def test_eval_covers_every_record_once(data):
   np.testing.assert_array_equal(index[valid], np.arange(total))   # in order, each once
   assert valid.sum() == total and not valid[total:].any()
   last = batches[-1]
-  assert set(last) == {"features", "regions", "tokens", "label", "mask", "prior", "index", "valid"}
+  assert set(last) == {"features", "regions", "tokens", "label", "mask", "index", "valid"}
   assert not last["mask"][~last["valid"]].any() and not last["features"][~last["valid"]].any()
   for b in batches:
     rows = b["valid"]

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from jax.sharding import PartitionSpec as P
 
 from varcmp_jax.train import sharding

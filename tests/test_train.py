@@ -143,3 +143,25 @@ def test_grad_accumulation_equals_one_big_batch():
   assert any(np.abs(g).max() > 1e-3 for _, g in flat1)
   for (path, g1), g4 in zip(flat1, flat4):
     np.testing.assert_allclose(g4, g1, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_clip_checkpoint_replaces_the_random_towers(tmp_path):
+  """config.model.clip_checkpoint (an `import-clip` dir) -> the initial params hold exactly those towers."""
+  from varcmp_jax import clip
+  from varcmp_jax.model.varcmp import VarCMP, clip_config
+  from varcmp_jax.train import sharding
+  from varcmp_jax.train import train as train_lib
+  from varcmp_jax.train.step import Trainer
+  config = load_config("tiny_text", "frames")   # both towers: a whole CLIP checkpoint
+  config.mesh.data = 1
+  trainer = Trainer(VarCMP(config.model, task=config.task, regime=config.regime), config,
+                    sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  donor = jax.device_get(trainer.init_state(seed=7)["params"]["clip"])
+  clip.save_params(donor, clip_config(config.model), str(tmp_path))
+  loaded = trainer.init_state(seed=0, clip_params=train_lib.load_clip_params(str(tmp_path)))["params"]["clip"]
+  random = jax.device_get(trainer.init_state(seed=0)["params"]["clip"])
+  kernel = ("text", "token_embedding", "embedding")
+  pick = lambda tree: tree[kernel[0]][kernel[1]][kernel[2]]
+  assert not np.array_equal(pick(random), pick(donor))
+  for got, expected in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(donor)):
+    np.testing.assert_array_equal(np.asarray(got), expected)

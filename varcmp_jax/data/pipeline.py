@@ -127,10 +127,13 @@ def fit_snippets(array: np.ndarray, target: int) -> np.ndarray:
 class DecodeAndFit(grain.transforms.Map):
   """(index, record bytes) -> one example with the batch keys, snippets fitted to `snippets`."""
 
-  def __init__(self, regime: str, task: str, snippets: int, records_dir: str):
+  def __init__(self, regime: str, task: str, snippets: int, records_dir: str, prior_source: str = "head"):
     if regime not in VIDEO_KEYS:
       raise ValueError(f"config.regime must be one of {sorted(VIDEO_KEYS)}, got {regime!r}")
     self.regime, self.task, self.snippets, self.records_dir = regime, task, snippets, records_dir
+    # The external prior travels only when config.prior.source reads it, so a missing one is an error
+    # here rather than silent zeros in the model.
+    self.prior_source = prior_source
 
   def map(self, element: tuple[int, bytes]) -> dict[str, np.ndarray]:
     index, data = element
@@ -144,9 +147,12 @@ class DecodeAndFit(grain.transforms.Map):
     audio_keys = [k for k in AUDIO_KEYS if k in record] if self.task == "audio" else []
     if self.task == "audio" and not audio_keys:
       raise KeyError(f"{where} has neither of {AUDIO_KEYS} (needed by task 'audio')")
+    prior_keys = [] if self.prior_source == "head" else ["prior"]
+    if prior_keys and "prior" not in record:
+      raise KeyError(f"{where} has no external 'prior' (needed by prior.source={self.prior_source!r})")
 
     num_snippets = record[video_keys[0]].shape[0]
-    for k in video_keys + audio_keys + (["prior"] if "prior" in record else []):
+    for k in video_keys + audio_keys + prior_keys:
       if record[k].shape[0] != num_snippets:
         raise ValueError(f"{where}: {k!r} has {record[k].shape[0]} snippets, {video_keys[0]!r} has {num_snippets}")
     kept = min(num_snippets, self.snippets)
@@ -154,12 +160,11 @@ class DecodeAndFit(grain.transforms.Map):
         "tokens": np.asarray(record["tokens"], np.int32),
         "label": np.asarray(record["label"], np.int32).reshape(()),
         "mask": np.arange(self.snippets) < kept,
-        "prior": fit_snippets(np.asarray(record.get("prior", np.zeros(num_snippets)), np.float32), self.snippets),
         "index": np.int32(index),
     }
-    for k in video_keys + audio_keys:
+    for k in video_keys + audio_keys + prior_keys:
       value = fit_snippets(record[k], self.snippets)
-      # Features/regions/mel are stored in float16 or bfloat16; batches are float32.
+      # Features/regions/mel/prior may be stored in float16 or bfloat16; batches are float32.
       example[k] = value if k == "frames" else value.astype(np.float32)
     return example
 
@@ -182,7 +187,8 @@ def _data_loader(config, split: str, batch_size: int, *, shuffle: bool, num_epoc
   prefetch = max(1, int(config.data.prefetch))
   return grain.DataLoader(
       data_source=source, sampler=sampler, shard_options=shard,
-      operations=[DecodeAndFit(config.regime, config.task, int(config.data.snippets), records_dir),
+      operations=[DecodeAndFit(config.regime, config.task, int(config.data.snippets), records_dir,
+                               config.prior.source),
                   grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
       worker_count=worker_count, worker_buffer_size=prefetch,
       # Grain's default read-ahead is 500 records: far too much memory for frame records.

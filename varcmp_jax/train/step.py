@@ -32,7 +32,6 @@ def example_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[st
       "tokens": np.zeros((batch_size, 77), np.int32),
       "label": np.zeros((batch_size,), np.int32),
       "mask": np.ones((batch_size, t), bool),
-      "prior": np.zeros((batch_size, t), np.float32),
       "index": np.arange(batch_size, dtype=np.int32),
   }
   if config.regime == "frames":
@@ -42,6 +41,8 @@ def example_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[st
     d = m.clip.projection_dim
     batch["features"] = np.zeros((batch_size, t, d), np.float32)
     batch["regions"] = np.zeros((batch_size, t, m.region_grid ** 2, d), np.float32)
+  if config.prior.source != "head":
+    batch["prior"] = np.zeros((batch_size, t), np.float32)
   if config.task == "audio":
     if m.audio.kind == "spectrogram":
       batch["mel"] = np.zeros((batch_size, t, m.audio.mel_frames, m.audio.mel_bins), np.float32)
