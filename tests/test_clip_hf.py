@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from varcmp_jax import clip
+from varcmp_jax import cli as varcmp_cli
 from varcmp_jax.clip import cli
 
 HF_CONFIG = dict(
@@ -101,11 +102,11 @@ def test_save_params_and_load(hf_dir, tmp_path):
 
 def test_import_and_export_cli(hf_dir, tmp_path, capsys):
   imported, exported = str(tmp_path / "imported"), str(tmp_path / "exported")
-  assert cli.import_main(["--hf", hf_dir, "--out", imported]) == 0
+  assert varcmp_cli.main(["import-clip", "--hf", hf_dir, "--out", imported]) == 0
   assert sorted(os.listdir(imported)) == ["config.json", "params.msgpack"]
   _, params = clip.load(imported)
   _assert_trees_equal(clip.from_hf(hf_dir)[1], params)
-  assert cli.export_main(["--params", imported, "--out", exported]) == 0
+  assert varcmp_cli.main(["export", "--params", imported, "--out", exported]) == 0
   _, info = transformers.CLIPModel.from_pretrained(exported, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
   _assert_trees_equal(clip.from_hf(exported)[1], params)

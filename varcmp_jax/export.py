@@ -1,6 +1,7 @@
 """`varcmp export`: a trained workdir -> a PyTorch-ready directory.
 
   varcmp export --workdir runs/demo --out exported [--step N]
+  varcmp export --params clip_flax --out hf_clip      # towers only: a `varcmp import-clip` dir -> HF dir
 
   OUT/clip/                     HF CLIPModel (save_pretrained, safetensors): CLIPModel.from_pretrained(OUT/clip)
   OUT/varcmp_heads.safetensors  every other trained param (temporal adapters, anomaly head, audio tower,
@@ -69,10 +70,15 @@ def export(config, params, out_dir: str, step: int | None = None) -> str:
 
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="varcmp export", description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a `varcmp train` workdir")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="a `varcmp train` workdir")
+  source.add_argument("--params", help="towers only: a `varcmp import-clip` output (or HF) directory")
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   args = parser.parse_args(argv)
+  if args.params:
+    from varcmp_jax.clip import cli as clip_cli  # pylint: disable=g-import-not-at-top
+    return clip_cli.export_main(["--params", args.params, "--out", args.out])
   from varcmp_jax import trained  # pylint: disable=g-import-not-at-top
   try:
     run = trained.load(args.workdir, args.step)

@@ -26,7 +26,7 @@ def import_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(
-      prog="varcmp export",
+      prog="varcmp export --params",
       description="Write CLIP tower params (an import-clip directory) as a HF CLIPModel directory.")
   parser.add_argument("--params", required=True, help="`varcmp import-clip` output directory (or a HF dir)")
   parser.add_argument("--out", required=True, help="output HF CLIPModel directory (safetensors)")
