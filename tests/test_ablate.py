@@ -78,6 +78,7 @@ def test_bad_variant_and_all_levels_off_fail_before_training(config_path, tmp_pa
        "at least one level needs a weight > 0"),
       (["--variant", "a b:", "--variant", "a_b:weighting.beta=0"], "share the directory"),
       ([], "nothing to run"),
+      (["--sweep", "loss.mil=0,1", "--config.loss.levels.nope=1"], "loss.levels has no field 'nope'"),
   ]:
     with pytest.raises(SystemExit) as error:
       ablate.main(["--config", config_path, "--workdir", workdir] + argv)

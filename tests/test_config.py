@@ -134,3 +134,24 @@ def test_cli_requires_records_and_workdir(tmp_path):
     train_main_lib.train_main(["--config", str(CONFIGS / "tiny_text.py"), "--workdir", str(tmp_path)])
   with pytest.raises(SystemExit, match="--workdir is required"):
     train_main_lib.train_main(["--config", str(CONFIGS / "tiny_text.py")])
+
+
+def test_cli_names_an_unknown_override_field(tmp_path):
+  from varcmp_jax.train import main as train_main_lib
+  with pytest.raises(SystemExit, match=r"--config.loss.levels.nope=1: .*loss.levels has no field 'nope' "
+                                       r"\(fields: frame, spatial, video\)"):
+    train_main_lib.train_main(["--config", str(CONFIGS / "tiny_text.py"), "--workdir", str(tmp_path),
+                               "--config.loss.levels.nope=1"])
+  with pytest.raises(SystemExit, match="could not convert string to float"):
+    train_main_lib.train_main(["--config", str(CONFIGS / "tiny_text.py"), "--workdir", str(tmp_path),
+                               "--config.weighting.beta=abc"])
+
+
+def test_lookup_against_hand_cases():
+  config = config_lib.default_config("audio")
+  assert config_lib.lookup(config, "loss.levels.temporal") == 1.0
+  assert config_lib.lookup(config, "weighting.beta") == 0.5
+  with pytest.raises(ValueError, match="weighting has no field 'betta'"):
+    config_lib.lookup(config, "weighting.betta")
+  with pytest.raises(ValueError, match="the config has no field 'nope'"):
+    config_lib.lookup(config, "nope.x")

@@ -42,23 +42,9 @@ class Variant:
 # --- parsing -------------------------------------------------------------------------------------------
 
 
-def _field(config: ml_collections.ConfigDict, key: str):
-  """The current value of dotted `key`; ValueError naming the nearest existing group when unknown."""
-  node, walked = config, []
-  for part in key.split("."):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      where = ".".join(walked) or "the config"
-      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      raise ValueError(f"unknown config key {key!r}: {where} has no field {part!r}"
-                       + (f" (fields: {', '.join(known)})" if known else ""))
-    node = node[part]
-    walked.append(part)
-  return node
-
-
 def parse_value(config: ml_collections.ConfigDict, key: str, text: str):
   """`text` typed like the config field `key` (bool, int, float or str)."""
-  current = _field(config, key)
+  current = config_lib.lookup(config, key)
   text = text.strip()
   if isinstance(current, ml_collections.ConfigDict):
     raise ValueError(f"{key!r} is a group, not a field; sweep one of {key}.{{{', '.join(sorted(current.keys()))}}}")
@@ -241,7 +227,7 @@ def table_rows(config: ml_collections.ConfigDict, results: list[tuple[Variant, d
   rows = []
   for variant, result in results:
     values = dict(variant.overrides)
-    row = [variant.name] + [_format(values.get(k, _field(config, k))) for k in keys]
+    row = [variant.name] + [_format(values.get(k, config_lib.lookup(config, k))) for k in keys]
     for d in directions:
       if d not in result:
         raise ValueError(f"variant {variant.name!r}: eval.json has no {d!r} results (keys: {sorted(result)})")
@@ -304,7 +290,10 @@ def _parse(argv: list[str]):
                             flag_values=values)
   try:
     values(argv)
-  except flags.Error as e:
+  except (AttributeError, KeyError) as e:   # an override of a field the config does not have
+    from varcmp_jax.train.main import unknown_override  # pylint: disable=g-import-not-at-top
+    raise SystemExit(f"varcmp ablate: {unknown_override(argv[1:]) or e}") from None
+  except (flags.Error, TypeError) as e:
     raise SystemExit(f"varcmp ablate: {e}\n{USAGE}") from None
   for name in ("config", "workdir"):
     if values[name].value is None:

@@ -93,6 +93,20 @@ def default_config(task: str = "text", regime: str = "frames") -> ml_collections
   return c
 
 
+def lookup(config: ml_collections.ConfigDict, key: str):
+  """The value of dotted `key` ("loss.levels.spatial"); ValueError naming the group and its fields if unknown."""
+  node, walked = config, []
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = ".".join(walked) or "the config"
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise ValueError(f"unknown config key {key!r}: {where} has no field {part!r}"
+                       + (f" (fields: {', '.join(known)})" if known else ""))
+    node = node[part]
+    walked.append(part)
+  return node
+
+
 PRIOR_SOURCES = ("head", "external", "mean")
 AUDIO_KINDS = ("spectrogram", "features")
 DTYPES = ("float32", "bfloat16", "float16")

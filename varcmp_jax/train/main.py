@@ -20,6 +20,22 @@ def load_config_file(path: str, overrides=()):
   return values.config
 
 
+def unknown_override(argv: list[str]) -> str | None:
+  """A message naming the first `--config.x.y=v` override whose field does not exist, if any."""
+  paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  paths += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+  if not paths:
+    return None
+  config = load_config_file(paths[0])
+  for arg in argv:
+    if arg.startswith("--config."):
+      try:
+        config_lib.lookup(config, arg[len("--config."):].split("=", 1)[0])
+      except ValueError as e:
+        return f"{arg}: {e}"
+  return None
+
+
 def _parse(argv: list[str], prog: str, eval_flags: bool = False):
   """Parses argv into a fresh FlagValues (so train and eval can both run in one process)."""
   argv = [prog] + list(argv)
@@ -32,7 +48,10 @@ def _parse(argv: list[str], prog: str, eval_flags: bool = False):
     flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)", flag_values=values)
   try:
     values(argv)
-  except flags.Error as e:
+  except (AttributeError, KeyError) as e:
+    # ml_collections reports an override of an unknown field (--config.x.nope=1) this way.
+    raise SystemExit(f"{prog}: {unknown_override(argv) or e}")
+  except (flags.Error, TypeError) as e:
     raise SystemExit(f"{prog}: {e}\nusage: {prog} --config configs/<name>.py[:arg] --workdir DIR "
                      "[--config.x.y=value ...]")
   for name in ("config", "workdir"):
