@@ -151,6 +151,9 @@ def test_key_segments_by_hand():
       (8.0, 10.0, 0.9, 4), (2.0, 6.0, 0.7, 2)]
   assert [(s["start"], s["end"]) for s in search.key_segments(relevance, mask, times, 0.5)] == [(8.0, 10.0)]
   assert search.key_segments(-relevance, mask, times, 0.5) == []
+  # A flat curve (peak 1.2x its median: no anomaly found) has no key segment, whatever the threshold.
+  flat = np.array([1.0, 1.0, 1.2, 1.0, 1.1, 1.0])
+  assert search.key_segments(flat, np.ones(6, bool), times, 0.0) == []
   assert search.interval_iou((2, 6), (4, 8)) == pytest.approx(2 / 6)
 
 

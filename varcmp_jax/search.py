@@ -26,9 +26,12 @@ import tqdm
 from varcmp_jax.alignment import similarity, weighting
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
 from varcmp_jax.data import pipeline
+from varcmp_jax.train import evaluate
 
 CACHE_DIR = ".varcmp_cache"
 VIDEO_FIELDS = ("frames", "regions", "mask", "anomaly", "external_prior")
+# A relevance curve needs a peak this many times its median to have key segments (see key_segments).
+MIN_PEAK_OVER_MEDIAN = 1.5
 
 
 @dataclasses.dataclass
@@ -148,14 +151,10 @@ def encode_audio_file(run, path: str) -> AudioEmbeddings:
 
 
 def score(config, video: VideoEmbeddings, query) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """({level: (Q, G), "combined": (Q, G)}, snippet weights (G, T))."""
-  @jax.jit
-  def run(video, query):
-    prior = weighting.prior(video, config.prior)
-    weights = weighting.snippet_weights(prior, video.mask, config.weighting.beta, config.weighting.tau)
-    levels = similarity.level_similarities(video, weights, query, config.task, config.eval.chunk_size)
-    return {**levels, "combined": similarity.combined_score(levels, config.loss.levels)}, weights
-  return jax.device_get(run(video, query))
+  """({level: (Q, G), "combined": (Q, G)} as `varcmp eval` scores them, snippet weights w_t (G, T))."""
+  prior = weighting.prior(video, config.prior)
+  weights = weighting.snippet_weights(prior, video.mask, config.weighting.beta, config.weighting.tau)
+  return evaluate.level_and_combined_similarities(video, query, config), np.asarray(weights)
 
 
 def pair_relevance(video: VideoEmbeddings, weights: np.ndarray, query, query_rows, video_rows) -> np.ndarray:
@@ -171,12 +170,16 @@ def key_segments(relevance: np.ndarray, mask: np.ndarray, times: np.ndarray, thr
   A snippet is key when its relevance reaches `threshold` of the way from the video's median to its
   maximum: rel >= median + threshold * (max - median), with max > 0. Measured from the median, not from
   zero, because w_t cos(f_t, q) has a floor ((1 - beta) / T times the background similarity) that would
-  otherwise make a whole video "key". relevance, mask: (T,); times: (T, 2).
+  otherwise make a whole video "key". A curve whose peak is under MIN_PEAK_OVER_MEDIAN times its median is
+  flat (the weights found no anomaly, as in a normal video): it has no key segment rather than noise ones.
+  relevance, mask: (T,); times: (T, 2).
   """
   valid = relevance[mask]
   if not valid.size or not valid.max() > 0:
     return []
   top, floor = valid.max(), np.median(valid)
+  if top < MIN_PEAK_OVER_MEDIAN * floor:
+    return []
   key = mask & (relevance >= floor + threshold * (top - floor))
   segments, t = [], 0
   while t < len(key):
