@@ -25,26 +25,19 @@ def parse_args(argv):
   return args
 
 
-def search_example(trainer, params, records_dir: str, split: str, top_k: int) -> str:
-  """Ranks the test gallery for the caption of the first anomalous test video; returns a printable table."""
-  import jax
-  import numpy as np
-  from varcmp_jax import clip
+def search_example(run, records_dir: str, split: str, top_k: int) -> str:
+  """`varcmp search` for the caption of the first anomalous test video; returns its printable table."""
+  from varcmp_jax import search
   from varcmp_jax.data import pipeline
-  from varcmp_jax.train import evaluate
 
   metadata = pipeline.load_split_metadata(records_dir, split)
   target = next((i for i, m in enumerate(metadata) if m["label"] == 1), 0)
   caption = metadata[target]["caption"]
-  video, _ = evaluate.embed_split(trainer, params, split)
-  query = trainer.model.apply({"params": jax.device_get(params)}, {"tokens": clip.tokenizer()([caption])},
-                              method=trainer.model.encode_query)
-  scores = evaluate.level_and_combined_similarities(video, query, trainer.config)["combined"][0]
-  lines = [f'search: "{caption}"  ({len(metadata)} test videos)']
-  for rank, i in enumerate(np.argsort(-scores)[:top_k], 1):
-    mark = "  <- ground truth" if i == target else ""
-    lines.append(f"  {rank}. {metadata[i]['video']:<18} score {scores[i]:6.3f}  \"{metadata[i]['caption']}\"{mark}")
-  return "\n".join(lines)
+  gallery = search.load_gallery(run, records_dir, split)
+  hits = search.search(run, gallery, search.encode_text(run, [caption]), top_k)
+  event = metadata[target]["event"]
+  return (search.format_table(hits, caption) +
+          f"\nground truth: {metadata[target]['video']}, event {event[0]:.1f}-{event[1]:.1f} s")
 
 
 def main(argv: list[str]) -> int:
@@ -73,7 +66,9 @@ def main(argv: list[str]) -> int:
 
   overrides = [f"--config.data.records={records_dir}"]
   if args.steps is not None:
-    overrides.append(f"--config.train.num_steps={args.steps}")
+    # The warmup keeps its share of the default schedule (it may not exceed the steps).
+    warmup = config.train.warmup_steps * args.steps // config.train.num_steps
+    overrides += [f"--config.train.num_steps={args.steps}", f"--config.train.warmup_steps={warmup}"]
   common = ["--config", str(CONFIG), "--workdir", str(run), *overrides]
   t = time.time()
   print(f"[3/4] train: -> {run}", flush=True)
@@ -92,7 +87,9 @@ def main(argv: list[str]) -> int:
     json.dump(result, f, indent=2)
   timings["eval"] = time.time() - t
   print()
-  print(search_example(trainer, params, str(records_dir), config.data.eval_split, args.top_k))
+  from varcmp_jax import trained
+  run_state = trained.Trained(config, trainer.model, params, int(step), str(run))
+  print(search_example(run_state, str(records_dir), config.data.eval_split, args.top_k))
   gallery = pipeline.split_size(str(records_dir), config.data.eval_split)
   print()
   print(f"eval on the synthetic test split ({gallery} videos, chance R@1 = {100 / gallery:.1f}%), step {step}:")
