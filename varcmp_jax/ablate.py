@@ -21,9 +21,9 @@ import re
 
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
 
 from varcmp_jax import config as config_lib
+from varcmp_jax.train import main as train_main_lib
 
 METRICS = ("R1", "R5", "R10", "MdR")
 
@@ -278,27 +278,12 @@ USAGE = ("usage: varcmp ablate --config configs/<name>.py[:arg] --workdir DIR --
 
 
 def _parse(argv: list[str]):
-  values = flags.FlagValues()
-  argv = ["varcmp ablate"] + list(argv)
-  # sys_argv: config_flags reads the --config.x=y overrides from it (default: the process's sys.argv).
-  config_flags.DEFINE_config_file("config", None, "base config file, e.g. configs/synthetic.py[:arg]",
-                                  flag_values=values, lock_config=True, sys_argv=argv)
-  flags.DEFINE_string("workdir", None, "directory of the variants and the tables", flag_values=values)
-  flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: a config field and its values (repeatable; the "
-                            "variants are the cartesian product)", flag_values=values)
-  flags.DEFINE_multi_string("variant", [], "NAME:KEY=V,KEY=V: one extra named variant (NAME: = base config)",
-                            flag_values=values)
-  try:
-    values(argv)
-  except (AttributeError, KeyError) as e:   # an override of a field the config does not have
-    from varcmp_jax.train.main import unknown_override  # pylint: disable=g-import-not-at-top
-    raise SystemExit(f"varcmp ablate: {unknown_override(argv[1:]) or e}") from None
-  except (flags.Error, TypeError) as e:
-    raise SystemExit(f"varcmp ablate: {e}\n{USAGE}") from None
-  for name in ("config", "workdir"):
-    if values[name].value is None:
-      raise SystemExit(f"varcmp ablate: --{name} is required\n{USAGE}")
-  return values
+  def define_sweeps(values):
+    flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: a config field and its values (repeatable; the "
+                              "variants are the cartesian product)", flag_values=values)
+    flags.DEFINE_multi_string("variant", [], "NAME:KEY=V,KEY=V: one extra named variant (NAME: = base config)",
+                              flag_values=values)
+  return train_main_lib.parse_flags(argv, "varcmp ablate", USAGE, define_sweeps)
 
 
 def main(argv: list[str]) -> int:
@@ -313,10 +298,6 @@ def main(argv: list[str]) -> int:
       _check_same_config(os.path.join(workdir, variant.dirname), variant_cfg)
   except ValueError as e:
     raise SystemExit(f"varcmp ablate: {e}") from None
-  if not config.data.records:
-    raise SystemExit("varcmp ablate: config.data.records is empty: pass --config.data.records=DIR")
-  if not flags.FLAGS.is_parsed():   # grain's workers read absl's global flags, as in `varcmp train`
-    flags.FLAGS.mark_as_parsed()
   os.makedirs(workdir, exist_ok=True)
   print(f"{len(planned)} variants: {', '.join(v.name for v, _ in planned)}", flush=True)
   results = []

@@ -36,37 +36,53 @@ def unknown_override(argv: list[str]) -> str | None:
   return None
 
 
-def _parse(argv: list[str], prog: str, eval_flags: bool = False):
-  """Parses argv into a fresh FlagValues (so train and eval can both run in one process)."""
+USAGE = "usage: {prog} --config configs/<name>.py[:arg] --workdir DIR [--config.x.y=value ...]"
+
+
+def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_extra=None) -> flags.FlagValues:
+  """argv (without the program name) -> a fresh FlagValues with the required --config and --workdir.
+
+  A fresh FlagValues per call, so train, eval and ablate can run in one process. `define_extra(values)`
+  adds a command's own flags. Bad overrides, missing flags and empty config.data.records exit with a
+  message naming the problem; the config is not validated here.
+  """
+  usage = usage or USAGE.format(prog=prog)
   argv = [prog] + list(argv)
   values = flags.FlagValues()
   # sys_argv: config_flags finds the overrides there (default: sys.argv, not the argv parsed below).
   config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/synthetic.py[:arg]",
                                   flag_values=values, lock_config=True, sys_argv=argv)
-  flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and eval.json", flag_values=values)
-  if eval_flags:
-    flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)", flag_values=values)
+  flags.DEFINE_string("workdir", None, "output directory", flag_values=values)
+  if define_extra is not None:
+    define_extra(values)
   try:
     values(argv)
   except (AttributeError, KeyError) as e:
     # ml_collections reports an override of an unknown field (--config.x.nope=1) this way.
-    raise SystemExit(f"{prog}: {unknown_override(argv) or e}")
+    raise SystemExit(f"{prog}: {unknown_override(argv) or e}") from None
   except (flags.Error, TypeError) as e:
-    raise SystemExit(f"{prog}: {e}\nusage: {prog} --config configs/<name>.py[:arg] --workdir DIR "
-                     "[--config.x.y=value ...]")
+    raise SystemExit(f"{prog}: {e}\n{usage}") from None
   for name in ("config", "workdir"):
     if values[name].value is None:
-      raise SystemExit(f"{prog}: --{name} is required")
-  try:   # bad values fail here, before jax starts or data is read
-    config_lib.validate(values.config)
-  except ValueError as e:
-    raise SystemExit(f"{prog}: {values['config'].config_filename}: {e}")
+      raise SystemExit(f"{prog}: --{name} is required\n{usage}")
   if not values.config.data.records:
     raise SystemExit(f"{prog}: config.data.records is empty: pass --config.data.records=DIR "
                      "(a directory written by `varcmp prep`)")
   # grain's worker processes read absl's global flags; mark them parsed as absl.app would.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+  return values
+
+
+def _parse(argv: list[str], prog: str, eval_flags: bool = False):
+  """train / eval flags, with the config validated before jax starts or data is read."""
+  def define_step(values):
+    flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)", flag_values=values)
+  values = parse_flags(argv, prog, define_extra=define_step if eval_flags else None)
+  try:
+    config_lib.validate(values.config)
+  except ValueError as e:
+    raise SystemExit(f"{prog}: {values['config'].config_filename}: {e}") from None
   return values
 
 
