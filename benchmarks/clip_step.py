@@ -12,10 +12,11 @@ FLOPs x 3 for forward + backward), MFU against a bf16 matmul peak measured on th
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+
+import peak_memory  # benchmarks/peak_memory.py
 
 PEERS = ("ours", "torch_eager", "torch_compile")
 SIZES = {  # HF CLIPConfig arguments
@@ -55,10 +56,6 @@ def make_batch(batch, image_size, seed=0):
   for row, n in zip(ids, lengths):
     row[0], row[1:n - 1], row[n - 1] = 49406, rng.integers(1, 49406, n - 2), 49407
   return pixels, ids
-
-
-def peak_rss_bytes():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_ours(args, size):
@@ -116,11 +113,9 @@ def run_ours(args, size):
   loss.block_until_ready()
   seconds = time.perf_counter() - t0
   device = jax.devices()[0]
-  stats = device.memory_stats() or {}
-  memory = stats.get("peak_bytes_in_use")
+  memory, memory_kind = peak_memory.jax_peak_bytes()
   return dict(seconds=seconds, warmup_s=warmup_s, loss=float(loss), device=device.device_kind,
-              platform=device.platform, memory_bytes=memory if memory is not None else peak_rss_bytes(),
-              memory_kind="device peak" if memory is not None else "process peak RSS",
+              platform=device.platform, memory_bytes=memory, memory_kind=memory_kind,
               settings=f"jit+donate, bf16 compute, attention={config.attention_impl or 'auto'}, remat={args.remat}")
 
 
@@ -163,7 +158,7 @@ def run_torch(args, size, compiled):
   seconds = time.perf_counter() - t0
   return dict(seconds=seconds, warmup_s=warmup_s, loss=float(loss),
               device=torch.cuda.get_device_name() if cuda else "cpu", platform=device.type,
-              memory_bytes=torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
+              memory_bytes=torch.cuda.max_memory_allocated() if cuda else peak_memory.host_peak_bytes(),
               memory_kind="device peak" if cuda else "process peak RSS",
               settings=f"{'torch.compile' if compiled else 'eager'}, autocast bf16, "
                        f"attn={model.config._attn_implementation}, torch {torch.__version__}")

@@ -10,7 +10,6 @@ Q x G x T x R x L cosine tensor at once) at Q = G = N, each in a fresh subproces
 import argparse
 import json
 import pathlib
-import resource
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # run from a checkout, no install needed
+import peak_memory  # benchmarks/peak_memory.py
 from varcmp_jax import config as config_lib
 from varcmp_jax import metrics
 from varcmp_jax.alignment import similarity, weighting
@@ -74,21 +74,6 @@ def random_embeddings(args):
   return video, query
 
 
-def peak_memory_bytes():
-  """Device peak on GPU; on CPU the process's peak resident set.
-
-  VmHWM first: getrusage's ru_maxrss survives exec, so a --compare child would report its parent's peak.
-  """
-  device = jax.local_devices()[0]
-  if device.platform != "cpu":
-    return float((device.memory_stats() or {}).get("peak_bytes_in_use", float("nan")))
-  try:
-    with open("/proc/self/status") as f:
-      return next(float(line.split()[1]) * 1024.0 for line in f if line.startswith("VmHWM:"))
-  except (OSError, StopIteration):
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0   # KiB on Linux
-
-
 def run(args) -> dict:
   if args.queries != args.gallery:
     raise SystemExit("eval_similarity: the metrics need a square matrix, so --queries must equal --gallery")
@@ -121,7 +106,7 @@ def run(args) -> dict:
       sizes=dict(Q=args.queries, G=args.gallery, T=args.snippets, R=args.regions, L=args.words, D=args.dim),
       task=args.task, chunk=args.chunk, dtype=args.dtype, repeats=args.repeats,
       compile_s=compile_s, levels_s=min(times), metrics_s=metrics_s,
-      peak_memory_gib=peak_memory_bytes() / GIB, embeddings_gib=embedding_bytes / GIB,
+      peak_memory_gib=peak_memory.jax_peak_bytes()[0] / GIB, embeddings_gib=embedding_bytes / GIB,
       unchunked_cosine_tensor_gib=naive_bytes / GIB, SumR=result["SumR"], table=metrics.format_table(result))
 
 

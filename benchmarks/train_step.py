@@ -13,7 +13,6 @@ own count (compiled.cost_analysis()); MFU = achieved FLOP/s / the device's dense
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import jax
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+import peak_memory  # benchmarks/peak_memory.py
 from varcmp_jax import config as config_lib
 from varcmp_jax.data import pipeline, records
 from varcmp_jax.model.varcmp import VarCMP
@@ -80,13 +80,6 @@ def write_random_records(out: str, config, count: int):
     json.dump({"splits": {"train": {"records": count, "shards": [name]}}, "skipped": []}, f)
 
 
-def peak_memory_bytes() -> tuple[int, str]:
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host max RSS"
-
-
 def bench(regime: str, args) -> dict:
   config = make_config(regime, args.small, args.batch, args.snippets)
   with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +115,7 @@ def bench(regime: str, args) -> dict:
   step, inputs = float(np.median(step_s)), float(np.median(input_s))
   device = jax.devices()[0]
   peak = args.peak_tflops * 1e12 if args.peak_tflops else PEAK_BF16.get(device.device_kind)
-  memory, memory_kind = peak_memory_bytes()
+  memory, memory_kind = peak_memory.jax_peak_bytes()
   return dict(
       regime=regime, device=f"{jax.device_count()} x {device.device_kind}", batch=config.train.batch_size,
       snippets=config.data.snippets, image_size=config.model.clip.vision.image_size if regime == "frames" else None,
