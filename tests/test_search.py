@@ -115,7 +115,7 @@ def test_gallery_cache_is_reused(setup, capsys, monkeypatch):
 
   def no_embedding(*args, **kwargs):
     raise AssertionError("the gallery was embedded again")
-  monkeypatch.setattr(search, "_embed_split", no_embedding)
+  monkeypatch.setattr(search.evaluate, "embed_split", no_embedding)
   second = run_json(capsys, ["--workdir", workdir, "--gallery", records, "--text", CAPTIONS[3]])
   assert second["gallery_cache"] == first["gallery_cache"]
   assert second["hits"][0]["video"] == "video_3.mp4"

@@ -21,7 +21,6 @@ import sys
 
 import jax
 import numpy as np
-import tqdm
 
 from varcmp_jax.alignment import similarity, weighting
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
@@ -79,20 +78,6 @@ def _encoder(run, method: str):
   return jax.jit(lambda params, batch: model.apply({"params": params}, inputs(batch), method=getattr(model, method)))
 
 
-def _embed_split(run, records: str, split: str, method: str, desc: str):
-  """encode_video or encode_query over every record of the split; host numpy, record order."""
-  config = _with_records(run.config, records)
-  encode = _encoder(run, method)
-  pieces, order = [], []
-  for batch in tqdm.tqdm(pipeline.make_eval_iterator(config, split, config.eval.batch_size), desc=desc):
-    valid = batch["valid"]
-    out = jax.device_get(encode(run.params, batch))
-    pieces.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[valid], out))
-    order.append(batch["index"][valid])
-  order = np.argsort(np.concatenate(order))
-  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[order], *pieces)
-
-
 def load_gallery(run, records: str, split: str, use_cache: bool = True) -> Gallery:
   """The split's video embeddings, from the cache when it holds them, else computed (and cached)."""
   metadata = pipeline.load_split_metadata(records, split)
@@ -102,7 +87,8 @@ def load_gallery(run, records: str, split: str, use_cache: bool = True) -> Galle
     with np.load(path) as cached:
       fields = {k: cached[k] if k in cached else None for k in VIDEO_FIELDS}
     return Gallery(VideoEmbeddings(**fields), metadata, times, path, True)
-  video = _embed_split(run, records, split, "encode_video", f"embed gallery {split}")
+  video = evaluate.embed_split(run.trainer, run.params, split, _with_records(run.config, records),
+                               "encode_video")
   if not use_cache:
     return Gallery(video, metadata, times, None, False)
   try:
@@ -228,7 +214,8 @@ def localization_hit_rate(run, gallery: Gallery, records: str, split: str, iou: 
   """Every record's own caption (or audio) as the query. Among the queries whose own video is the top hit
   and has an event interval: the share whose strongest key segment overlaps the event with IoU > `iou`
   ("hit_rate"). The same over every video with an event, whatever its rank ("hit_rate_all_events")."""
-  query = _embed_split(run, records, split, "encode_query", f"embed queries {split}")
+  query = evaluate.embed_split(run.trainer, run.params, split, _with_records(run.config, records),
+                               "encode_query")
   levels, weights = score(run.config, gallery.video, query)
   own = np.arange(len(gallery.metadata))
   correct = np.argmax(levels["combined"], axis=1) == own

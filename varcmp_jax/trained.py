@@ -19,10 +19,14 @@ from varcmp_jax import config as config_lib
 @dataclasses.dataclass
 class Trained:
   config: ml_collections.ConfigDict
-  model: Any            # varcmp_jax.model.varcmp.VarCMP
+  trainer: Any          # varcmp_jax.train.step.Trainer: the model, its mesh and shardings
   params: Any
   step: int
   workdir: str
+
+  @property
+  def model(self):      # varcmp_jax.model.varcmp.VarCMP
+    return self.trainer.model
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -53,4 +57,4 @@ def load(workdir: str, step: int | None = None) -> Trained:
     raise FileNotFoundError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint "
                             f"{'at all' if not available else f'at step {step}'} (steps: {available})")
   trainer, params, step = evaluate_lib.restore_params(config, workdir, step)
-  return Trained(config, trainer.model, params, int(step), workdir)
+  return Trained(config, trainer, params, int(step), workdir)

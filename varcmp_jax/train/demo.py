@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
   timings["eval"] = time.time() - t
   print()
   from varcmp_jax import trained
-  run_state = trained.Trained(config, trainer.model, params, int(step), str(run))
+  run_state = trained.Trained(config, trainer, params, int(step), str(run))
   print(search_example(run_state, str(records_dir), config.data.eval_split, args.top_k))
   gallery = pipeline.split_size(str(records_dir), config.data.eval_split)
   print()

@@ -21,16 +21,22 @@ from varcmp_jax.train import checkpoint as checkpoint_lib
 from varcmp_jax.train.step import Trainer, model_inputs
 
 
-def embed_split(trainer: Trainer, params, split: str):
-  """(video, query) embeddings of every record of `split`, host numpy, in record order."""
-  config, mesh, model = trainer.config, trainer.mesh, trainer.model
+def embed_split(trainer: Trainer, params, split: str, config: ml_collections.ConfigDict | None = None,
+                method: str | None = None):
+  """Embeddings of every record of `split`, host numpy, in record order.
+
+  `config` (default: the trainer's) says where the records are and how to batch them; `method` is a model
+  method ("encode_video", "encode_query"), default both: (video, query).
+  """
+  config, mesh, model = config or trainer.config, trainer.mesh, trainer.model
   batches = pipeline.make_eval_iterator(config, split, config.eval.batch_size // jax.process_count())
   replicated = NamedSharding(mesh, P())
+  apply_method = getattr(model, method) if method else None   # None: __call__
 
   @functools.partial(jax.jit, in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding),
                      out_shardings=replicated)
   def encode(params, batch):
-    return model.apply({"params": params}, model_inputs(batch)), batch["valid"], batch["index"]
+    return model.apply({"params": params}, model_inputs(batch), method=apply_method), batch["valid"], batch["index"]
 
   pieces, indices = [], []
   for batch in tqdm.tqdm(batches, desc=f"embed {split}", disable=jax.process_index() != 0):
