@@ -27,7 +27,7 @@ def config_path(tmp_path):
 @pytest.fixture
 def trainer(monkeypatch):
   """Replaces training and evaluation by fakes that write a made-up eval.json; records each call."""
-  from varcmp_jax.train import evaluate as evaluate_lib
+  from varcmp_jax import evaluate as evaluate_lib
   from varcmp_jax.train import train as train_lib
   calls = []
 

@@ -117,15 +117,15 @@ def test_cli_reports_bad_config_before_training(tmp_path):
 
 def test_overrides_parse_from_the_given_argv_not_sys_argv(tmp_path):
   """train_main(argv) called from Python (the demo, notebooks) must see its own --config.x.y overrides."""
-  from varcmp_jax.train import main as train_main_lib
-  values = train_main_lib._parse(
+  from varcmp_jax import command_flags
+  values = command_flags.parse(
       ["--config", f"{CONFIGS / 'tiny_audio.py'}:features", "--workdir", str(tmp_path),
        "--config.train.num_steps=17", "--config.data.records=/some/records", "--config.weighting.beta=0.25"],
       "varcmp train")
   config = values.config
   assert (config.task, config.regime, config.model.audio.kind) == ("audio", "features", "features")
   assert (config.train.num_steps, config.data.records, config.weighting.beta) == (17, "/some/records", 0.25)
-  assert train_main_lib.load_config_file(str(CONFIGS / "synthetic.py"), ["--config.seed=3"]).seed == 3
+  assert command_flags.load_config_file(str(CONFIGS / "synthetic.py"), ["--config.seed=3"]).seed == 3
 
 
 def test_cli_requires_records_and_workdir(tmp_path):

@@ -2,7 +2,7 @@
 import json
 
 from varcmp_jax import metrics
-from varcmp_jax.train import demo
+from varcmp_jax import demo
 
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):

@@ -44,9 +44,10 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   from varcmp_jax.train import checkpoint as checkpoint_lib
-  from varcmp_jax.train import train as train_lib
+  from varcmp_jax.train import step as step_lib
   config = tiny_config()
-  model, _, trainer = train_lib.build(config)
+  trainer = step_lib.build(config)
+  model = trainer.model
   state = trainer.init_state(0)
   text = jax.device_get(jax.jit(lambda p, ids: model.apply({"params": p}, {"tokens": ids}, method=model.encode_query))(
       state["params"], clip.tokenizer()(CAPTIONS)))

@@ -146,13 +146,13 @@ def test_export_parity(tmp_path, task, regime, audio_kind, prior_source):
 def test_export_main_from_checkpoint(tmp_path):
   """`varcmp export --workdir` restores the Orbax checkpoint and exports exactly its params."""
   from varcmp_jax.train import checkpoint as checkpoint_lib
-  from varcmp_jax.train import train as train_lib
+  from varcmp_jax.train import step as step_lib
   config = tiny_config("text", "features")
   config.train.batch_size = config.eval.batch_size = 4
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  _, _, trainer = train_lib.build(config)
+  trainer = step_lib.build(config)
   params = random_params(trainer.model, make_batch(np.ones((2, SNIPPETS)), 4), seed=3)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": trainer.tx.init(params)}
   checkpointer = checkpoint_lib.Checkpointer(str(workdir), 1, 2)

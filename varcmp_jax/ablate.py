@@ -23,7 +23,7 @@ import ml_collections
 from absl import flags
 
 from varcmp_jax import config as config_lib
-from varcmp_jax.train import main as train_main_lib
+from varcmp_jax import command_flags
 
 METRICS = ("R1", "R5", "R10", "MdR")
 
@@ -194,7 +194,7 @@ def run_variant(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming if interrupted) and evaluates one variant; returns its eval.json contents."""
   eval_path = os.path.join(workdir, "eval.json")
   if not os.path.exists(eval_path):
-    from varcmp_jax.train import evaluate as evaluate_lib   # jax starts only when something trains
+    from varcmp_jax import evaluate as evaluate_lib          # jax starts only when something trains
     from varcmp_jax.train import train as train_lib
     train_lib.train(config, workdir)
     evaluate_lib.evaluate(config, workdir)
@@ -283,7 +283,7 @@ def _parse(argv: list[str]):
                               "variants are the cartesian product)", flag_values=values)
     flags.DEFINE_multi_string("variant", [], "NAME:KEY=V,KEY=V: one extra named variant (NAME: = base config)",
                               flag_values=values)
-  return train_main_lib.parse_flags(argv, "varcmp ablate", USAGE, define_sweeps)
+  return command_flags.parse_flags(argv, "varcmp ablate", USAGE, define_sweeps)
 
 
 def main(argv: list[str]) -> int:

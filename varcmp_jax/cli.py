@@ -11,11 +11,11 @@ COMMANDS = {
     "extract-features": ("data_prep.extract_features", "main", "frame records -> features records"),
     "import-clip": ("varcmp_jax.clip.cli", "import_main", "HF CLIPModel directory -> Flax params"),
     "train": ("varcmp_jax.train.main", "train_main", "train VarCMP from a config"),
-    "eval": ("varcmp_jax.train.main", "eval_main", "evaluate a trained workdir, write eval.json"),
+    "eval": ("varcmp_jax.evaluate", "main", "evaluate a trained workdir, write eval.json"),
     "search": ("varcmp_jax.search", "main", "rank a gallery for a text or audio query, with key segments"),
     "export": ("varcmp_jax.export", "main", "trained workdir -> HF CLIPModel + safetensors heads"),
     "ablate": ("varcmp_jax.ablate", "main", "train and evaluate config sweeps, write ablation tables"),
-    "demo": ("varcmp_jax.train.demo", "main", "synth -> prep -> train -> eval -> search on the default"),
+    "demo": ("varcmp_jax.demo", "main", "synth -> prep -> train -> eval -> search on the default"),
 }
 
 

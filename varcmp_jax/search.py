@@ -25,7 +25,7 @@ import numpy as np
 from varcmp_jax.alignment import similarity, weighting
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
 from varcmp_jax.data import pipeline
-from varcmp_jax.train import evaluate
+from varcmp_jax import evaluate
 
 CACHE_DIR = ".varcmp_cache"
 VIDEO_FIELDS = ("frames", "regions", "mask", "anomaly", "external_prior")

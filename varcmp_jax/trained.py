@@ -45,16 +45,25 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def load(workdir: str, step: int | None = None) -> Trained:
-  """The model and params of `workdir` at checkpoint `step` (default: the latest)."""
+def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> Trained:
+  """The workdir's checkpoint (latest or `step`) restored onto this run's mesh, for `config`."""
   from varcmp_jax.train import checkpoint as checkpoint_lib   # pylint: disable=g-import-not-at-top
-  from varcmp_jax.train import evaluate as evaluate_lib       # pylint: disable=g-import-not-at-top
-  config = read_config(workdir)
+  from varcmp_jax.train import step as step_lib               # pylint: disable=g-import-not-at-top
+  trainer = step_lib.build(config)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
   available = sorted(checkpointer.manager.all_steps())
-  checkpointer.close()
   if not available or step is not None and step not in available:
+    checkpointer.close()
     raise FileNotFoundError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint "
-                            f"{'at all' if not available else f'at step {step}'} (steps: {available})")
-  trainer, params, step = evaluate_lib.restore_params(config, workdir, step)
-  return Trained(config, trainer, params, int(step), workdir)
+                            f"{'at all; run `varcmp train` first' if not available else f'at step {step}'} "
+                            f"(steps: {available})")
+  step = available[-1] if step is None else step
+  target = checkpoint_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
+  state = checkpointer.restore(target, None, step)
+  checkpointer.close()
+  return Trained(config, trainer, state["params"], int(step), workdir)
+
+
+def load(workdir: str, step: int | None = None) -> Trained:
+  """The model and params of `workdir` at checkpoint `step` (default: the latest), with its config.json."""
+  return restore(read_config(workdir), workdir, step)

@@ -27,6 +27,13 @@ from varcmp_jax.data import records
 VIDEO_KEYS = {"frames": ("frames",), "features": ("features", "regions")}
 AUDIO_KEYS = ("mel", "audio_features")
 METADATA_KEYS = ("video", "caption", "label", "duration", "times", "event")
+# Batch keys for bookkeeping only: the model never reads them.
+BOOKKEEPING_KEYS = ("index", "valid")
+
+
+def model_inputs(batch: dict) -> dict:
+  """The batch without its bookkeeping keys."""
+  return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
 
 
 def read_manifest(records_dir: str) -> dict[str, Any]:

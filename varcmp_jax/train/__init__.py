@@ -1,1 +1,1 @@
-"""Training and evaluation: mesh and sharding, optimizer, checkpoints, the train loop, eval, the demo."""
+"""Training: mesh and sharding, optimizer, the train step, checkpoints, the train loop."""

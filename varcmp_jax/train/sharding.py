@@ -4,6 +4,7 @@ Parameters and optimizer state are sharded FSDP-style by a short rule table on t
 sharded over both axes, so every device holds a slice of the global batch and XLA inserts the
 all-gathers of the FSDP'd weights. Works unchanged on one CPU, 8 fake CPU devices, or a multi-host pod.
 """
+import os
 import re
 
 import jax
@@ -76,3 +77,16 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[s
   """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def maybe_initialize_distributed():
+  """Joins a multi-process run when VARCMP_COORDINATOR (host:port), VARCMP_NUM_PROCESSES and
+  VARCMP_PROCESS_ID are set, or lets JAX detect the cluster (SLURM, Open MPI, TPU) when
+  VARCMP_DISTRIBUTED=auto. Must run before anything touches a device."""
+  if os.environ.get("VARCMP_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()
+  elif os.environ.get("VARCMP_COORDINATOR"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["VARCMP_COORDINATOR"],
+        num_processes=int(os.environ["VARCMP_NUM_PROCESSES"]),
+        process_id=int(os.environ["VARCMP_PROCESS_ID"]))

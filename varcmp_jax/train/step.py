@@ -19,7 +19,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from varcmp_jax import config as config_lib
 from varcmp_jax.alignment import losses
+from varcmp_jax.data import pipeline
 from varcmp_jax.model import varcmp
 from varcmp_jax.train import optimizer as optimizer_lib
 from varcmp_jax.train import sharding as sharding_lib
@@ -51,11 +53,6 @@ def example_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[st
   return batch
 
 
-def model_inputs(batch):
-  """The batch without bookkeeping fields the model never reads."""
-  return {k: v for k, v in batch.items() if k not in ("index", "valid")}
-
-
 class Trainer:
   """Builds the sharded train state and the jitted step for one model, config and mesh."""
 
@@ -79,7 +76,7 @@ class Trainer:
 
   # ---- state -------------------------------------------------------------------------------------
   def _init_params(self, rng):
-    return self.model.init(rng, model_inputs(self._example))["params"]
+    return self.model.init(rng, pipeline.model_inputs(self._example))["params"]
 
   def _init_state(self, rng, params=None):
     params = self._init_params(rng) if params is None else params
@@ -99,7 +96,7 @@ class Trainer:
     return losses.varcmp_loss(video, query, labels, scales, self.config)
 
   def _encode(self, params, batch):
-    return self.model.apply({"params": params}, model_inputs(batch))
+    return self.model.apply({"params": params}, pipeline.model_inputs(batch))
 
   def _scales(self, params):
     return self.model.apply({"params": params}, method=self.model.logit_scales)
@@ -154,3 +151,10 @@ class Trainer:
     return sharding_lib.shard_batch(batch, self.mesh)
 
 
+
+
+def build(config: ml_collections.ConfigDict) -> Trainer:
+  """The Trainer (model, mesh, shardings, jitted step) of a validated config on the devices of this run."""
+  config_lib.validate(config, jax.device_count())
+  mesh = sharding_lib.make_mesh(config.mesh)
+  return Trainer(varcmp.VarCMP(config.model, task=config.task, regime=config.regime), config, mesh)

@@ -12,26 +12,10 @@ import numpy as np
 import tensorboardX
 import tqdm
 
-from varcmp_jax import config as config_lib
+from varcmp_jax import evaluate
 from varcmp_jax.data import pipeline
-from varcmp_jax.model.varcmp import VarCMP
 from varcmp_jax.train import checkpoint as checkpoint_lib
-from varcmp_jax.train import evaluate
-from varcmp_jax.train import sharding as sharding_lib
-from varcmp_jax.train.step import Trainer
-
-
-def maybe_initialize_distributed():
-  """Joins a multi-process run when VARCMP_COORDINATOR (host:port), VARCMP_NUM_PROCESSES and
-  VARCMP_PROCESS_ID are set, or lets JAX detect the cluster (SLURM, Open MPI, TPU) when
-  VARCMP_DISTRIBUTED=auto. Must run before anything touches a device."""
-  if os.environ.get("VARCMP_DISTRIBUTED") == "auto":
-    jax.distributed.initialize()
-  elif os.environ.get("VARCMP_COORDINATOR"):
-    jax.distributed.initialize(
-        coordinator_address=os.environ["VARCMP_COORDINATOR"],
-        num_processes=int(os.environ["VARCMP_NUM_PROCESSES"]),
-        process_id=int(os.environ["VARCMP_PROCESS_ID"]))
+from varcmp_jax.train import step as step_lib
 
 
 def load_clip_params(path: str):
@@ -89,15 +73,7 @@ class MetricsLog:
       self.tb.close()
 
 
-def build(config: ml_collections.ConfigDict):
-  """(model, mesh, trainer) for a validated config on the devices of this run."""
-  config_lib.validate(config, jax.device_count())
-  mesh = sharding_lib.make_mesh(config.mesh)
-  model = VarCMP(config.model, task=config.task, regime=config.regime)
-  return model, mesh, Trainer(model, config, mesh)
-
-
-def restore_or_init(trainer: Trainer, checkpointer, config, data_iterator=None):
+def restore_or_init(trainer: step_lib.Trainer, checkpointer, config, data_iterator=None):
   """(state, step): the latest checkpoint restored onto this mesh, or a fresh state at step 0."""
   step = checkpointer.latest_step()
   if step is None:
@@ -110,7 +86,7 @@ def restore_or_init(trainer: Trainer, checkpointer, config, data_iterator=None):
 def train(config: ml_collections.ConfigDict, workdir: str):
   """Trains to config.train.num_steps (resuming from workdir's checkpoints); returns the final state."""
   os.makedirs(workdir, exist_ok=True)
-  _, _, trainer = build(config)
+  trainer = step_lib.build(config)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))

@@ -9,7 +9,7 @@ import json
 import pathlib
 import time
 
-CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "synthetic.py"
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
 
 
 def parse_args(argv):
@@ -56,8 +56,9 @@ def main(argv: list[str]) -> int:
     timings["synth"] = time.time() - t
   t = time.time()
   print(f"[2/4] prep: -> {records_dir}", flush=True)
+  from varcmp_jax import command_flags
   from varcmp_jax.train import main as train_main_lib
-  config = train_main_lib.load_config_file(str(CONFIG))
+  config = command_flags.load_config_file(str(CONFIG))
   size = config.model.clip.vision.image_size
   if prep.main(["--dataset", "folder", "--videos", str(videos), "--captions", str(videos / "captions.csv"),
                 "--out", str(records_dir), "--snippets", str(config.data.snippets), "--image-size", str(size)]):
@@ -79,20 +80,18 @@ def main(argv: list[str]) -> int:
   print("[4/4] eval", flush=True)
   from varcmp_jax import metrics
   from varcmp_jax.data import pipeline
-  from varcmp_jax.train import evaluate
-  config = train_main_lib.load_config_file(str(CONFIG), overrides)
-  trainer, params, step = evaluate.restore_params(config, str(run))
-  result = evaluate.evaluate_params(trainer, params)
+  from varcmp_jax import evaluate, trained
+  config = command_flags.load_config_file(str(CONFIG), overrides)
+  run_state = trained.restore(config, str(run))
+  result = evaluate.evaluate_params(run_state.trainer, run_state.params)
   with open(run / "eval.json", "w") as f:
     json.dump(result, f, indent=2)
   timings["eval"] = time.time() - t
   print()
-  from varcmp_jax import trained
-  run_state = trained.Trained(config, trainer, params, int(step), str(run))
   print(search_example(run_state, str(records_dir), config.data.eval_split, args.top_k))
   gallery = pipeline.split_size(str(records_dir), config.data.eval_split)
   print()
-  print(f"eval on the synthetic test split ({gallery} videos, chance R@1 = {100 / gallery:.1f}%), step {step}:")
+  print(f"eval on the synthetic test split ({gallery} videos, chance R@1 = {100 / gallery:.1f}%), step {run_state.step}:")
   print(metrics.format_table(result))
   print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {time.time() - start:.0f}s")
   print(f"workdir: {root} (eval.json, metrics.jsonl, tensorboard/ under {run})")

@@ -1,4 +1,5 @@
-"""Evaluation: embed the eval split in sharded batches, score every level and the combined score, report.
+"""`varcmp eval` and the evaluation that training, search and index share: embed a split in sharded batches,
+score every level and the combined score, report.
 
 Embedding runs batch by batch through one jit over the mesh (the same sharding as training); the (Q, G)
 similarities are computed from the gathered embeddings, the spatial level in chunk_size x chunk_size
@@ -12,18 +13,20 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from varcmp_jax import metrics
+from varcmp_jax import command_flags, metrics, trained
 from varcmp_jax.alignment import similarity, weighting
 from varcmp_jax.data import pipeline
-from varcmp_jax.train import checkpoint as checkpoint_lib
-from varcmp_jax.train.step import Trainer, model_inputs
+from varcmp_jax.train import sharding
 
 
-def embed_split(trainer: Trainer, params, split: str, config: ml_collections.ConfigDict | None = None,
+def embed_split(trainer, params, split: str, config: ml_collections.ConfigDict | None = None,
                 method: str | None = None):
   """Embeddings of every record of `split`, host numpy, in record order.
+
+  `trainer`: a `train.step.Trainer` (its model, config, mesh and shardings).
 
   `config` (default: the trainer's) says where the records are and how to batch them; `method` is a model
   method ("encode_video", "encode_query"), default both: (video, query).
@@ -36,7 +39,7 @@ def embed_split(trainer: Trainer, params, split: str, config: ml_collections.Con
   @functools.partial(jax.jit, in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding),
                      out_shardings=replicated)
   def encode(params, batch):
-    return model.apply({"params": params}, model_inputs(batch), method=apply_method), batch["valid"], batch["index"]
+    return model.apply({"params": params}, pipeline.model_inputs(batch), method=apply_method), batch["valid"], batch["index"]
 
   pieces, indices = [], []
   for batch in tqdm.tqdm(batches, desc=f"embed {split}", disable=jax.process_index() != 0):
@@ -58,34 +61,30 @@ def level_and_combined_similarities(video, query, config: ml_collections.ConfigD
   return jax.device_get(score(video, query))
 
 
-def evaluate_params(trainer: Trainer, params, split: str | None = None) -> dict:
+def evaluate_params(trainer, params, split: str | None = None) -> dict:
   config = trainer.config
   video, query = embed_split(trainer, params, split or config.data.eval_split)
   sims = level_and_combined_similarities(video, query, config)
   return metrics.report(sims, config.task)
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-  """(trainer, params, step): the workdir's checkpoint (latest or `step`) restored onto this run's mesh."""
-  from varcmp_jax.train import train as train_lib   # the builder shared with training (which imports us)
-  _, _, trainer = train_lib.build(config)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to evaluate; run `varcmp train` first")
-  target = checkpoint_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
-  state = checkpointer.restore(target, None, step)
-  checkpointer.close()
-  return trainer, state["params"], step
-
-
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
   """Evaluates the workdir's checkpoint on config.data.eval_split, writes eval.json, prints the table."""
-  trainer, params, step = restore_params(config, workdir, step)
-  result = evaluate_params(trainer, params)
+  run = trained.restore(config, workdir, step)
+  result = evaluate_params(run.trainer, run.params)
   if jax.process_index() == 0:
-    print(f"step {step}, {config.data.eval_split} split of {config.data.records}")
+    print(f"step {run.step}, {config.data.eval_split} split of {config.data.records}")
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
     print(metrics.format_table(result))
   return result
+
+
+def main(argv: list[str]) -> int:
+  """`varcmp eval --config FILE --workdir DIR [--step N]`."""
+  def define_step(values):
+    flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)", flag_values=values)
+  values = command_flags.parse(argv, "varcmp eval", define_extra=define_step)
+  sharding.maybe_initialize_distributed()
+  evaluate(values.config, values.workdir, values.step)
+  return 0
