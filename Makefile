@@ -4,14 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(STAMP)
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,beam]'
 	# The CLIP BPE vocabulary ships in this wheel; --no-deps keeps pip away from torchvision/CUDA torch.
 	$(VENV)/bin/pip install -q --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q
+
+# Every benchmark at the size of the accelerator present (CPU sizes without one), rows appended to BENCHMARKS.md.
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs

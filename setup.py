@@ -28,12 +28,22 @@ setuptools.setup(
         "tqdm",
         "absl-py",
         "matplotlib",
+        # varcmp serve: Starlette >= 1.5.1 serves Range requests (video seeking) with the DoS fixes.
+        "fastapi>=0.115",
+        "starlette>=1.5.1",
+        "uvicorn>=0.30",
+        "python-multipart>=0.0.18",
+        "pillow",
     ],
     extras_require={
         # torch is needed only to export to / compare with PyTorch. The pin keeps pip on the CPU
         # build that lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist"],
+        # `varcmp prep --runner beam` (DirectRunner here; Dataflow, Flink, Spark). 2.77.0 holds protobuf < 7,
+        # pillow < 13, pyarrow < 26: pip resolves 6.33.6 / 12.x / 25.x beside the pins above.
+        "beam": ["apache-beam==2.77.0"],
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist", "selenium>=4.20"],
     },
+    package_data={"varcmp_jax.serve": ["static/*"]},
     entry_points={"console_scripts": ["varcmp=varcmp_jax.cli:main"]},
 )

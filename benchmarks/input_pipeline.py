@@ -1,7 +1,9 @@
-"""Input pipeline throughput: `varcmp prep` records/s and Grain reader batches/s (workers 0, 2, 4).
+"""Input pipeline throughput: `varcmp prep` records/s and Grain batches/s (workers 0, 2, 4); with --features,
+Grain against device-resident data on the same feature records.
 
   python benchmarks/input_pipeline.py                       # full size: 200 videos, T=32, 224 px, batch 64
   python benchmarks/input_pipeline.py --videos 16 --snippets 8 --image-size 64 --batch 8 --batches 20
+  python benchmarks/input_pipeline.py --features --snippets 256 --batch 128 [--json FILE]
 
 prep: `varcmp synth` writes the videos (untimed), then `varcmp prep --dataset folder` is timed end to end
 (decode, resize, log-mel, tokenize, write). Without data_prep.synth it preps the real clips of
@@ -9,10 +11,17 @@ prep: `varcmp synth` writes the videos (untimed), then `varcmp prep --dataset fo
 reader: the train iterator of varcmp_jax.data.pipeline over the prep output (or, when prep is not
 available, over random frame records of the same shapes), timed over --batches batches after the first
 one (which includes spawning the workers).
+--features: random float16 feature records (T x D features, T x R x D regions; 2 x batch records unless
+--videos says otherwise). Grain: the train iterator's next batch placed on the devices (what a train step
+waits for), per worker count, the best of them reported as grain_batches_per_s. Resident: the split placed on
+the devices once (resident_load_s), then per batch its row numbers placed and the on-device gather into the
+buffers of the spent batch, blocked until ready (resident_batches_per_s). Both in one run, on the same
+records and devices.
 """
 import argparse
 import csv
 import json
+import math
 import os
 import pathlib
 import platform
@@ -25,7 +34,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from varcmp_jax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from varcmp_jax.data import pipeline, records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from varcmp_jax.data import pipeline, records, resident  # pylint: disable=g-import-not-at-top,wrong-import-position
+from varcmp_jax.train import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_CLIPS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "xd_clips"
 
@@ -116,10 +126,78 @@ def bench_reader(records_dir: str, args, workers: int) -> float:
   return args.batches / seconds
 
 
+def features_config(args, records_dir: str, workers: int = 0):
+  config = config_lib.default_config("text", "features")
+  config.model.clip.projection_dim = args.dim
+  config.model.region_grid = math.isqrt(args.regions)
+  config.data.update(records=records_dir, snippets=args.snippets, worker_count=workers)
+  config.train.batch_size = args.batch
+  return config
+
+
+def bench_features(args, work: pathlib.Path) -> dict:
+  """Grain vs resident batches/s on the same feature records, in this process."""
+  from train_step import write_random_records  # pylint: disable=g-import-not-at-top  # benchmarks/train_step.py
+  import jax  # pylint: disable=g-import-not-at-top
+  if math.isqrt(args.regions) ** 2 != args.regions:
+    raise SystemExit(f"input_pipeline: --regions {args.regions} is not a square (a grid x grid of regions)")
+  count = args.videos or 2 * args.batch
+  records_dir = work / "feature_records"
+  records_dir.mkdir()
+  config = features_config(args, str(records_dir))
+  write_random_records(str(records_dir), config, count)
+  mesh = sharding.make_mesh(config.mesh)
+  batch_bytes = args.batch * args.snippets * (1 + args.regions) * args.dim * 2
+  figures = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "records": count,
+             "batch": args.batch, "snippets": args.snippets, "dim": args.dim, "regions": args.regions,
+             "float16_batch_mib": batch_bytes / 2 ** 20}
+  print(f"features: {count} records of T={args.snippets} x (1 + R={args.regions}) x D={args.dim} float16, batch "
+        f"{args.batch} ({batch_bytes / 2 ** 20:.0f} MiB in float16) on {figures['device']}")
+
+  grain_rates = {}
+  for workers in args.workers:
+    iterator = pipeline.make_train_iterator(features_config(args, str(records_dir), workers), args.batch, seed=0)
+    jax.block_until_ready(sharding.shard_batch(next(iterator), mesh))   # worker start-up, first read
+    start = time.perf_counter()
+    for _ in range(args.batches):
+      batch = jax.block_until_ready(sharding.shard_batch(next(iterator), mesh))
+    grain_rates[workers] = args.batches / (time.perf_counter() - start)
+    assert batch["features"].shape == (args.batch, args.snippets, args.dim)
+    del iterator
+    figures[f"grain_batches_per_s_workers_{workers}"] = grain_rates[workers]
+    print(f"grain: workers={workers}: {grain_rates[workers]:.2f} batches/s (next batch + placing it on the devices)")
+
+  start = time.perf_counter()
+  split = resident.load(config, "train", sharding.batch_sharding(mesh), train=True)
+  jax.block_until_ready(split.arrays)
+  figures["resident_load_s"] = time.perf_counter() - start
+  devices = mesh.size
+  sampler = resident.EpochSampler(0, split.rows, args.batch // devices, split.blocks, devices)
+  batch = jax.block_until_ready(split.gather(split.device_rows(sampler.next())))
+  batch = jax.block_until_ready(split.gather(split.device_rows(sampler.next()), into=batch))  # compiles
+  start = time.perf_counter()
+  for _ in range(args.resident_batches):   # each batch into the buffers of the spent one
+    batch = jax.block_until_ready(split.gather(split.device_rows(sampler.next()), into=batch))
+  figures["resident_batches_per_s"] = args.resident_batches / (time.perf_counter() - start)
+  assert batch["features"].shape == (args.batch, args.snippets, args.dim) and batch["features"].dtype == np.float16
+  best = max(grain_rates, key=grain_rates.get)
+  figures["grain_batches_per_s"] = grain_rates[best]
+  figures["resident_over_grain"] = figures["resident_batches_per_s"] / grain_rates[best]
+  print(f"resident: placed in {figures['resident_load_s']:.1f} s, then {figures['resident_batches_per_s']:.1f} "
+        f"batches/s (row numbers placed + on-device gather, blocked until ready)")
+  print(f"resident / grain (best, workers={best}): {figures['resident_over_grain']:.1f}x")
+  return figures
+
+
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--videos", type=int, default=200)
+  parser.add_argument("--videos", type=int, default=None, help="default 200; --features: 2 x batch records")
   parser.add_argument("--snippets", type=int, default=32)
+  parser.add_argument("--features", action="store_true", help="Grain vs device-resident data on feature records")
+  parser.add_argument("--dim", type=int, default=512, help="--features: width D")
+  parser.add_argument("--regions", type=int, default=4, help="--features: region tokens R (a square)")
+  parser.add_argument("--resident-batches", type=int, default=200, help="--features: timed resident batches")
+  parser.add_argument("--json", default=None, help="also write the figures here")
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--batches", type=int, default=50, help="timed batches per worker count")
@@ -129,6 +207,14 @@ def main(argv):
   args = parser.parse_args(argv)
 
   print(f"host: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+  if args.features:
+    with tempfile.TemporaryDirectory() as tmp:
+      figures = bench_features(args, pathlib.Path(tmp))
+    print(json.dumps(figures))
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+  args.videos = args.videos or 200
   with tempfile.TemporaryDirectory() as tmp:
     work = pathlib.Path(tmp)
     records_dir, figures = (None, {}) if args.skip_prep else bench_prep(args, work)
@@ -141,6 +227,8 @@ def main(argv):
       print(f"reader: workers={workers}: {rate:.2f} batches/s = {rate * args.batch:.1f} records/s "
             f"(batch {args.batch}, T={args.snippets}, {args.image_size} px)")
   print(json.dumps(figures))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
   return 0
 
 

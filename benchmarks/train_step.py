@@ -1,17 +1,26 @@
-"""The VarCMP train step in both regimes: samples/s, MFU, peak memory, input-pipeline time vs step time.
+"""The VarCMP train step in both regimes: samples/s, MFU, peak memory, and whether the input keeps up.
 
   python benchmarks/train_step.py                   # full size (GPU): frames T=16 ViT-B/16 batch 64,
-                                                    #   features T=256 batch 256, bf16 compute
+                                                    #   features T=256 batch 256, bf16; features fed by
+                                                    #   Grain and by resident data
   python benchmarks/train_step.py --small           # tiny sizes that run on a CPU in a minute
-  python benchmarks/train_step.py --regime features --batch 128 --steps 20
+  python benchmarks/train_step.py --regime features --resident on --batch 128 --steps 20
+  python benchmarks/train_step.py --regime features --steps 0   # full size on a CPU: input vs H100 step only
 
-Batches come from the real Grain pipeline over ArrayRecord shards of random records written to a temp
-dir, so "input" is the time to get the next host batch and place it on the devices, and "step" is the
-jitted train step alone (forward, backward, AdamW) until its outputs are ready. FLOPs per step are XLA's
-own count (compiled.cost_analysis()); MFU = achieved FLOP/s / the device's dense bf16 peak.
+The feeds are the trainer's own (train/feed.py) over ArrayRecord shards of random records written to a temp
+dir: Grain ("input" = the next host batch placed on the mesh) or device-resident data (features regime;
+"input" = the batch's row numbers on the devices, the gather runs inside the step). "step" is the compiled
+step alone until its outputs are ready (medians over the timed steps).
+
+FLOPs per step: XLA's cost analysis (compiled.cost_analysis(), which counts a loop body once: the chunked
+similarity levels run in lax.map loops) and the executed dot FLOPs with loop trip counts applied
+(hlo_flops.dot_report), both for all devices. MFU uses the executed count. "input share at H100" = input
+time / (executed FLOPs / (0.5 x 989 TFLOP/s)): the input's time against the step's time on one H100 at half
+its dense bf16 peak, so a CPU run already says whether a GPU would wait for its input (> 1: it would).
 """
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,15 +31,18 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 import peak_memory  # benchmarks/peak_memory.py
+from hlo_flops import dot_report  # benchmarks/hlo_flops.py
 from varcmp_jax import config as config_lib
-from varcmp_jax.data import pipeline, records
+from varcmp_jax.data import records
 from varcmp_jax.model.varcmp import VarCMP
+from varcmp_jax.train import feed as feed_lib
 from varcmp_jax.train import sharding
 from varcmp_jax.train.step import Trainer
 
 # Dense bf16 peak FLOP/s by jax device_kind (vendor datasheets, no sparsity).
 PEAK_BF16 = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
              "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "TPU v4": 275e12, "TPU v5p": 459e12}
+H100_HALF_PEAK = 0.5 * 989e12     # the step-time yardstick of "input share at H100"
 
 
 def make_config(regime: str, small: bool, batch: int | None, snippets: int | None):
@@ -80,49 +92,54 @@ def write_random_records(out: str, config, count: int):
     json.dump({"splits": {"train": {"records": count, "shards": [name]}}, "skipped": []}, f)
 
 
-def bench(regime: str, args) -> dict:
+def bench(regime: str, resident: str, args) -> dict:
   config = make_config(regime, args.small, args.batch, args.snippets)
   with tempfile.TemporaryDirectory() as tmp:
     write_random_records(tmp, config, count=config.train.batch_size * 2)
     config.data.records = tmp
     config.data.worker_count = args.workers
+    config.data.resident = resident
     mesh = sharding.make_mesh(config.mesh)
     trainer = Trainer(VarCMP(config.model, task=config.task, regime=config.regime), config, mesh)
     state = trainer.init_state(seed=0)
-    iterator = pipeline.make_train_iterator(config, config.train.batch_size // jax.process_count(), 0)
+    feed = feed_lib.ResidentFeed(trainer, config) if resident == "on" else feed_lib.GrainFeed(trainer, config)
 
-    batch = trainer.shard_batch(next(iterator))
     t = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batch).compile()
+    step_fn, compiled = feed.compile(state, feed.next())
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    xla_flops = feed_lib.xla_flops(compiled, mesh.size)
+    executed_flops = dot_report(compiled.as_text())["dot_flops"] * mesh.size
 
-    for _ in range(args.warmup):
-      state, metrics = compiled(state, trainer.shard_batch(next(iterator)))
-    jax.block_until_ready(metrics)
-    input_s, step_s = [], []
-    for _ in range(args.steps):
-      t = time.perf_counter()
-      batch = jax.block_until_ready(trainer.shard_batch(next(iterator)))
-      t1 = time.perf_counter()
-      state, metrics = compiled(state, batch)
+    input_s, step_s, metrics = [], [], {}
+    if args.steps:
+      for _ in range(args.warmup):
+        state, metrics = step_fn(state, feed.next())
       jax.block_until_ready(metrics)
-      t2 = time.perf_counter()
+    for _ in range(args.steps or args.input_batches):    # --steps 0: the input alone (full size on a CPU)
+      t = time.perf_counter()
+      inputs = jax.block_until_ready(feed.next())
+      t1 = time.perf_counter()
       input_s.append(t1 - t)
-      step_s.append(t2 - t1)
-  step, inputs = float(np.median(step_s)), float(np.median(input_s))
+      if args.steps:
+        state, metrics = step_fn(state, inputs)
+        jax.block_until_ready(metrics)
+        step_s.append(time.perf_counter() - t1)
+  step = float(np.median(step_s)) if step_s else math.nan
+  inputs = float(np.median(input_s))
   device = jax.devices()[0]
   peak = args.peak_tflops * 1e12 if args.peak_tflops else PEAK_BF16.get(device.device_kind)
   memory, memory_kind = peak_memory.jax_peak_bytes()
+  h100_step = executed_flops / H100_HALF_PEAK
   return dict(
-      regime=regime, device=f"{jax.device_count()} x {device.device_kind}", batch=config.train.batch_size,
-      snippets=config.data.snippets, image_size=config.model.clip.vision.image_size if regime == "frames" else None,
+      regime=regime, feed=feed.kind, device=f"{jax.device_count()} x {device.device_kind}",
+      batch=config.train.batch_size, snippets=config.data.snippets,
+      image_size=config.model.clip.vision.image_size if regime == "frames" else None,
       dtype=config.model.dtype, compile_s=compile_s, step_ms=1e3 * step, input_ms=1e3 * inputs,
-      samples_per_s=config.train.batch_size / step, tflops_per_step=flops / 1e12,
-      achieved_tflops=flops / step / 1e12, mfu=(flops / step / peak) if peak else None,
-      peak_memory_gib=memory / 2 ** 30, memory_kind=memory_kind, loss=float(metrics["loss"]))
+      samples_per_s=config.train.batch_size / step, tflops_per_step=xla_flops / 1e12,
+      executed_tflops_per_step=executed_flops / 1e12, achieved_tflops=executed_flops / step / 1e12,
+      mfu=(executed_flops / step / peak) if peak and step_s else None, h100_step_ms=1e3 * h100_step,
+      input_share_at_h100=inputs / h100_step, peak_memory_gib=memory / 2 ** 30, memory_kind=memory_kind,
+      loss=float(metrics["loss"]) if metrics else None)
 
 
 def main(argv=None) -> int:
@@ -131,20 +148,30 @@ def main(argv=None) -> int:
   p.add_argument("--small", action="store_true", help="tiny model and batch: a CPU smoke run")
   p.add_argument("--batch", type=int, default=None)
   p.add_argument("--snippets", type=int, default=None)
-  p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+  p.add_argument("--steps", type=int, default=10,
+                 help="timed steps (median reported); 0: compile, count FLOPs and time the input only")
+  p.add_argument("--input-batches", type=int, default=5, help="timed inputs with --steps 0")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--workers", type=int, default=0, help="Grain worker processes")
+  p.add_argument("--resident", choices=("off", "on", "both"), default="both",
+                 help="features regime: Grain (off), device-resident data (on), or both rows")
   p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
   p.add_argument("--json", default=None, help="also write the results here")
   args = p.parse_args(argv)
-  results = [bench(r, args) for r in (("frames", "features") if args.regime == "both" else (args.regime,))]
-  print(f"| regime | device | batch | T | dtype | step ms | input ms | samples/s | TFLOP/step | TFLOP/s | MFU | peak mem GiB |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  regimes = ("frames", "features") if args.regime == "both" else (args.regime,)
+  feeds = ("off", "on") if args.resident == "both" else (args.resident,)
+  # Frames stay on the Grain pipeline (SPEC section 3).
+  results = [bench(r, f, args) for r in regimes for f in (feeds if r == "features" else ("off",))]
+  print("| regime | feed | device | batch | T | dtype | step ms | input ms | samples/s | TFLOP/step XLA / executed | "
+        "TFLOP/s | MFU | input share at the step's H100 time | peak mem GiB |")
+  print("| --- " * 14 + "|")
   for r in results:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-    print(f"| {r['regime']} | {r['device']} | {r['batch']} | {r['snippets']} | {r['dtype']} | {r['step_ms']:.1f} | "
-          f"{r['input_ms']:.1f} | {r['samples_per_s']:.1f} | {r['tflops_per_step']:.4f} | {r['achieved_tflops']:.3f} | "
-          f"{mfu} | {r['peak_memory_gib']:.2f} ({r['memory_kind']}) |")
+    print(f"| {r['regime']} | {r['feed']} | {r['device']} | {r['batch']} | {r['snippets']} | {r['dtype']} | "
+          f"{r['step_ms']:.1f} | {r['input_ms']:.2f} | {r['samples_per_s']:.1f} | {r['tflops_per_step']:.4g} / "
+          f"{r['executed_tflops_per_step']:.4g} | {r['achieved_tflops']:.3g} | {mfu} | "
+          f"{r['input_share_at_h100']:.3g} ({r['input_ms']:.2f} / {r['h100_step_ms']:.3g} ms) | "
+          f"{r['peak_memory_gib']:.2f} ({r['memory_kind']}) |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)

@@ -24,10 +24,30 @@ class Item:
   split: str
   event: tuple[float, float] | None = None          # seconds
   event_frames: tuple[int, int] | None = None       # frame numbers (converted with the decoded fps)
+  # `{video}` in the patterns of a feature release: the name without extension (ucfcrime_ar: the file
+  # stem, as releases name their arrays; xdviolence_ar: the id of the official lists).
+  array_id: str = ""
+
+  def __post_init__(self):
+    self.array_id = self.array_id or strip_video_suffix(self.video)
 
 
-def resolve(videos_dir: str, name: str) -> str:
-  """The file for a release name: the name as a relative path, else its base name directly in videos_dir."""
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp")
+
+
+def strip_video_suffix(name: str) -> str:
+  """The name without a video file extension; other dots stay (XD ids read `Bad.Boys.1995__#...`)."""
+  stem, suffix = os.path.splitext(name)
+  return stem if suffix.lower() in VIDEO_SUFFIXES else name
+
+
+def resolve(videos_dir: str | None, name: str) -> str:
+  """The file for a release name: the name as a relative path, else its base name directly in videos_dir.
+
+  Without videos_dir (records from feature arrays only) the name itself.
+  """
+  if not videos_dir:
+    return name
   direct = os.path.join(videos_dir, name)
   if os.path.exists(direct):
     return direct
@@ -142,16 +162,15 @@ def read_ucfcrime_ar(videos_dir: str, captions_dir: str, split_lists: list[str] 
     for name, caption in read_ucf_xlsx(os.path.join(captions_dir, xlsx)):
       if listed and listed.get(name, split) != split:
         raise TableError(f"{xlsx}: {name} is in the {split} xlsx but in the {listed[name]} split list")
-      stem = os.path.splitext(os.path.basename(name))[0]
+      stem = strip_video_suffix(os.path.basename(name))
       items.append(Item(video=name, path=resolve(videos_dir, name), caption=caption, label=ucf_label(name),
-                        split=split, event_frames=events.get(stem)))
+                        split=split, event_frames=events.get(stem), array_id=stem))
   return items
 
 
 # --- XDViolence-AR: labels from file names, splits from the official id lists ---------------------------
 
 XD_LISTS = {"train": "audio.list", "test": "audio_test.list"}
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
 
 def xd_id(line: str) -> str:
@@ -190,17 +209,22 @@ def read_xdviolence_ar(videos_dir: str, lists_dir: str, split_lists: list[str] |
         continue
       seen.add(video_id)
       found = [os.path.join(videos_dir, video_id + s) for s in VIDEO_SUFFIXES
-               if os.path.exists(os.path.join(videos_dir, video_id + s))]
-      path_on_disk = found[0] if found else os.path.join(videos_dir, video_id + ".mp4")
+               if videos_dir and os.path.exists(os.path.join(videos_dir, video_id + s))]
+      path_on_disk = found[0] if found else os.path.join(videos_dir or "", video_id + ".mp4")
       items.append(Item(video=video_id, path=path_on_disk, caption="", label=xd_label(video_id), split=split,
-                        event_frames=events.get(video_id)))
+                        event_frames=events.get(video_id), array_id=video_id))
   return items
 
 
 READERS = {"folder": read_folder, "ucfcrime_ar": read_ucfcrime_ar, "xdviolence_ar": read_xdviolence_ar}
+# Frame rate of the annotations' frame numbers, for records built without decoding the video: UCF-Crime
+# is 30 fps, XD-Violence 24 fps. The folder csv gives events in seconds.
+NOMINAL_FPS = {"folder": 30.0, "ucfcrime_ar": 30.0, "xdviolence_ar": 24.0}
+# The task a dataset's tables support: XD-Violence has no captions (its queries are audio).
+TASKS = {"folder": ("text", "audio"), "ucfcrime_ar": ("text", "audio"), "xdviolence_ar": ("audio",)}
 
 
-def read(dataset: str, videos_dir: str, captions: str, split_lists: list[str] | None = None) -> list[Item]:
+def read(dataset: str, videos_dir: str | None, captions: str, split_lists: list[str] | None = None) -> list[Item]:
   if dataset == "folder":
     return read_folder(videos_dir, captions)
   return READERS[dataset](videos_dir, captions, split_lists)

@@ -4,7 +4,8 @@ One pass over the demuxed packets: T uniformly spaced snippets cover the whole v
 frame (the last one at or before the snippet centre), resized on its shorter side and centre-cropped, and
 a VGGish-style log-mel window (0.975 s of 16 kHz mono audio, 25 ms windows, 10 ms hop) centred on the
 snippet. Only the T small frames, the mel windows and at most one pending audio window are held, so
-memory does not grow with the video's length.
+memory does not grow with the video's length. `decode_audio` computes the same mel windows from the audio
+track alone, of any file with one (wav, flac, mp3, m4a, or a video): the audio queries of `varcmp search`.
 """
 import dataclasses
 import functools
@@ -83,14 +84,15 @@ def resize_crop(frame: av.VideoFrame, size: int) -> np.ndarray:
   return np.ascontiguousarray(rgb[top:top + size, left:left + size])
 
 
-def _duration(container, video_stream, path) -> float:
-  if video_stream.duration is not None and video_stream.time_base is not None:
-    return float(video_stream.duration * video_stream.time_base)
+def _duration(container, stream, path) -> float:
+  """Seconds of `stream` (video or audio): its header, else the container's, else its packets' timestamps."""
+  if stream.duration is not None and stream.time_base is not None:
+    return float(stream.duration * stream.time_base)
   if container.duration is not None:
     return container.duration / av.time_base
   # No header duration (some streamed containers): one cheap pass over packet timestamps, no decoding.
   end = 0.0
-  for packet in container.demux(video_stream):
+  for packet in container.demux(stream):
     if packet.pts is not None:
       end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
   container.seek(0)
@@ -148,19 +150,93 @@ class _AudioWindows:
       self.buffer, self.buffer_start = self.buffer[drop:], self.buffer_start + drop
 
 
-def decode(path: str, options: DecodeOptions = DecodeOptions()) -> dict:
-  """Decodes `path` into {"frames", "times", "duration", "fps", ["mel"]}; raises DecodeError with a reason."""
-  path = os.fspath(path)
+def _open(path: str):
   if not os.path.isfile(path):
     raise DecodeError(path, "file not found")
   if os.path.getsize(path) == 0:
     raise DecodeError(path, "empty file (0 bytes)")
   try:
-    container = av.open(path, metadata_errors="ignore")
+    return av.open(path, metadata_errors="ignore")
   except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
     raise DecodeError(path, f"cannot open: {e}") from e
-  with container:
+
+
+def decode(path: str, options: DecodeOptions = DecodeOptions()) -> dict:
+  """Decodes `path` into {"frames", "times", "duration", "fps", ["mel"]}; raises DecodeError with a reason."""
+  path = os.fspath(path)
+  with _open(path) as container:
     return _decode_open(container, path, options)
+
+
+def decode_audio(path: str, options: DecodeOptions = DecodeOptions()) -> dict:
+  """The audio track of any file PyAV opens, with or without video (wav, flac, mp3, m4a, mp4, ...), as
+  {"mel" (T, mel_frames, mel_bins) float16, "times" (T, 2), "duration"}: the log-mel windows `decode` computes.
+
+  The T snippets span the video stream's duration when there is one (the grid `decode` and prep use, so a
+  video's own audio track gives its record's mel), else the audio stream's. Raises DecodeError with a reason.
+  """
+  path = os.fspath(path)
+  with _open(path) as container:
+    if not container.streams.audio:
+      raise DecodeError(path, "no audio track")
+    stream = container.streams.audio[0]
+    duration, start_time = _timing(container, container.streams.video[0] if container.streams.video else stream, path)
+    times = snippet_times(duration, options.snippets)
+    audio = _AudioWindows(times.mean(axis=1), duration, options)
+    demux, frames, end = _Demux(container, [stream]), 0, 0.0
+    for frame in demux:
+      frames += 1
+      audio.add(frame, start_time)
+      if frame.time is not None and frame.sample_rate:
+        end = max(end, frame.time - start_time + frame.samples / frame.sample_rate)
+  if not frames:
+    raise DecodeError(path, demux.reason or "the audio track has no decodable audio")
+  demux.check(path)
+  if end < MIN_COVERAGE * duration - 1.0:
+    raise DecodeError(path, f"truncated: audio ends at {end:.2f} s of {duration:.2f} s" + demux.why())
+  return {"mel": audio.finish(), "times": times, "duration": np.float32(duration)}
+
+
+def _timing(container, stream, path: str) -> tuple[float, float]:
+  """(duration of `stream`, container start time) in seconds; DecodeError when there is no usable duration."""
+  try:
+    duration = _duration(container, stream, path)
+  except av.FFmpegError as e:
+    raise DecodeError(path, f"cannot read packets: {e}") from e
+  if not duration > 0:
+    raise DecodeError(path, f"zero or unknown duration ({duration})")
+  return duration, (container.start_time / av.time_base if container.start_time is not None else 0.0)
+
+
+class _Demux:
+  """The decoded frames of `streams`, one pass: a packet that fails to decode is skipped and counted, and a
+  demuxer that stops early ends the pass with its reason."""
+
+  def __init__(self, container, streams):
+    self.container, self.streams = container, streams
+    self.packets = self.bad_packets = 0
+    self.reason = None
+
+  def __iter__(self):
+    try:
+      for packet in self.container.demux(self.streams):
+        self.packets += 1
+        try:
+          decoded = packet.decode()
+        except (av.FFmpegError, ValueError):
+          self.bad_packets += 1   # one broken packet: skip it, keep decoding
+          continue
+        yield from decoded
+    except av.FFmpegError as e:
+      self.bad_packets += 1
+      self.reason = f"demux stopped: {e}"
+
+  def check(self, path: str):
+    if self.packets and self.bad_packets / self.packets > MAX_BAD_PACKET_SHARE:
+      raise DecodeError(path, f"{self.bad_packets} of {self.packets} packets failed to decode")
+
+  def why(self) -> str:
+    return f" ({self.reason})" if self.reason else ""
 
 
 def _decode_open(container, path: str, options: DecodeOptions) -> dict:
@@ -171,49 +247,27 @@ def _decode_open(container, path: str, options: DecodeOptions) -> dict:
   audio_stream = container.streams.audio[0] if container.streams.audio and options.audio != "none" else None
   if audio_stream is None and options.audio == "required":
     raise DecodeError(path, "no audio track (required for the audio task)")
-  try:
-    duration = _duration(container, video_stream, path)
-  except av.FFmpegError as e:
-    raise DecodeError(path, f"cannot read packets: {e}") from e
-  if not duration > 0:
-    raise DecodeError(path, f"zero or unknown duration ({duration})")
-  start_time = container.start_time / av.time_base if container.start_time is not None else 0.0
-
+  duration, start_time = _timing(container, video_stream, path)
   times = snippet_times(duration, options.snippets)
   centres = times.mean(axis=1)
   frames, last, last_time = [], None, 0.0
   audio = _AudioWindows(centres, duration, options) if audio_stream is not None else None
-  audio_frames = packets = bad_packets = 0
-  streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])
-  try:
-    for packet in container.demux(streams):
-      packets += 1
-      try:
-        decoded = packet.decode()
-      except (av.FFmpegError, ValueError):
-        bad_packets += 1   # one broken packet: skip it, keep decoding
-        continue
-      for frame in decoded:
-        if packet.stream.type == "audio":
-          audio_frames += 1
-          audio.add(frame, start_time)
-          continue
-        t = (frame.time if frame.time is not None else last_time) - start_time
-        while len(frames) < options.snippets and t > centres[len(frames)]:
-          frames.append(resize_crop(last if last is not None else frame, options.image_size))
-        last, last_time = frame, t
-  except av.FFmpegError as e:
-    bad_packets += 1
-    reason = f"demux stopped: {e}"
-  else:
-    reason = None
+  audio_frames = 0
+  demux = _Demux(container, [video_stream] + ([audio_stream] if audio_stream is not None else []))
+  for frame in demux:
+    if isinstance(frame, av.AudioFrame):
+      audio_frames += 1
+      audio.add(frame, start_time)
+      continue
+    t = (frame.time if frame.time is not None else last_time) - start_time
+    while len(frames) < options.snippets and t > centres[len(frames)]:
+      frames.append(resize_crop(last if last is not None else frame, options.image_size))
+    last, last_time = frame, t
   if last is None:
-    raise DecodeError(path, reason or "no decodable video frames")
-  if packets and bad_packets / packets > MAX_BAD_PACKET_SHARE:
-    raise DecodeError(path, f"{bad_packets} of {packets} packets failed to decode")
+    raise DecodeError(path, demux.reason or "no decodable video frames")
+  demux.check(path)
   if last_time < MIN_COVERAGE * duration - 1.0:
-    raise DecodeError(path, f"truncated: video frames end at {last_time:.2f} s of {duration:.2f} s"
-                      + (f" ({reason})" if reason else ""))
+    raise DecodeError(path, f"truncated: video frames end at {last_time:.2f} s of {duration:.2f} s" + demux.why())
   while len(frames) < options.snippets:
     frames.append(resize_crop(last, options.image_size))
 

@@ -300,6 +300,7 @@ def parse_args(argv):
   p.add_argument("--event-fraction", type=float, default=0.1, help="event length / video length")
   p.add_argument("--test-fraction", type=float, default=0.25)
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="0 = in this process")
+  p.add_argument("--overwrite", action="store_true", help="replace the videos and captions.csv already in --out")
   args = p.parse_args(argv)
   if args.videos < 1 or args.duration <= 0 or args.size < 16 or args.size % 4 or args.fps < 1:
     p.error("--videos >= 1, --duration > 0, --size >= 16 and a multiple of 4, and --fps >= 1 are required")
@@ -310,6 +311,11 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
+  captions = os.path.join(args.out, "captions.csv")
+  if os.path.exists(captions) and not args.overwrite:
+    print(f"varcmp synth: {captions} exists: a benchmark was already written there; pass --overwrite to replace "
+          "it, or choose another --out", file=sys.stderr)
+    return 1
   try:
     os.makedirs(args.out, exist_ok=True)
   except OSError as e:

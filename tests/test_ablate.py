@@ -64,7 +64,7 @@ def test_bad_sweep_fails_before_training(config_path, tmp_path, trainer, sweep, 
   with pytest.raises(SystemExit) as error:
     ablate.main(["--config", config_path, "--workdir", str(tmp_path / "ab"), "--sweep", "loss.mil=0,1",
                  "--sweep", sweep])
-  assert message in str(error.value)
+  assert message in str(error.value) and error.value.code not in (0, None)
   assert trainer == []
   assert not (tmp_path / "ab").exists()
 
@@ -82,7 +82,7 @@ def test_bad_variant_and_all_levels_off_fail_before_training(config_path, tmp_pa
   ]:
     with pytest.raises(SystemExit) as error:
       ablate.main(["--config", config_path, "--workdir", workdir] + argv)
-    assert message in str(error.value), argv
+    assert message in str(error.value) and error.value.code not in (0, None), argv
   assert trainer == []
 
 
@@ -149,5 +149,24 @@ def test_runs_missing_variants_then_reuses_them(config_path, tmp_path, trainer):
   assert [r[:3] for r in rows] == [["variant", "spatial", "beta"], ["spatial=0", "0", "0.5"],
                                    ["spatial=1", "1", "0.5"], ["no weighting", "1", "0"]]
   # The same directory with another config is refused instead of silently mixed.
-  with pytest.raises(SystemExit, match="different config"):
+  with pytest.raises(SystemExit, match=r"different config \(train.num_steps: 1000 -> 700\)") as error:
     ablate.main(argv + ["--config.train.num_steps=700"])
+  assert error.value.code not in (0, None)
+
+
+def test_a_variant_another_run_is_writing_is_refused(config_path, tmp_path, trainer):
+  """Each variant holds its directory's writer lock around train + eval: a busy one stops the sweep at once."""
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_workdir import hold_in_another_process
+  workdir = tmp_path / "ab"
+  holder = hold_in_another_process(workdir / "beta=0.5")
+  try:
+    with pytest.raises(SystemExit) as error:
+      ablate.main(["--config", config_path, "--workdir", str(workdir), "--sweep", "weighting.beta=0.5,0"])
+  finally:
+    holder.kill()
+    holder.wait()
+  assert error.value.code not in (0, None)
+  assert f"variant 'beta=0.5': {workdir / 'beta=0.5'} is in use by another run (pid {holder.pid}" in str(error.value)
+  assert trainer == []

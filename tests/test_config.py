@@ -19,22 +19,24 @@ def load_config(name: str, arg: str | None = None):
 
 
 @pytest.mark.parametrize("name,arg", [
-    ("synthetic", None), ("tiny_text", None), ("tiny_text", "features"), ("tiny_audio", None),
+    ("synthetic", None), ("synthetic", "audio"), ("tiny_text", None), ("tiny_text", "features"), ("tiny_audio", None),
     ("tiny_audio", "features"), ("ucfcrime_ar", "features"), ("ucfcrime_ar", "frames"),
     ("xdviolence_ar", "features"), ("xdviolence_ar", "frames")])
 def test_config_files_are_valid(name, arg):
   config = load_config(name, arg)
   config_lib.validate(config, num_devices=8)
   assert set(config.loss.levels) == set(config_lib.TASK_LEVELS[config.task])
-  if arg:
+  if arg in ("frames", "features"):
     assert config.regime == arg
+  if name == "synthetic":
+    assert config.task == (arg or "text")
 
 
 def test_benchmark_configs_pick_their_regime():
   assert load_config("ucfcrime_ar", "features").data.snippets == 256
   assert load_config("xdviolence_ar", "features").model.audio.kind == "features"
   assert load_config("xdviolence_ar", "frames").model.audio.kind == "spectrogram"
-  with pytest.raises(ValueError, match="must be 'features' or 'frames'"):
+  with pytest.raises(ValueError, match="'pixels' must be 'features'"):
     load_config("ucfcrime_ar", "pixels")
 
 
@@ -128,23 +130,32 @@ def test_overrides_parse_from_the_given_argv_not_sys_argv(tmp_path):
   assert command_flags.load_config_file(str(CONFIGS / "synthetic.py"), ["--config.seed=3"]).seed == 3
 
 
+def failed(error) -> bool:
+  """A SystemExit of a failed command: a message (exit status 1) or a non-zero code, never 0 or None."""
+  return error.value.code not in (0, None)
+
+
 def test_cli_requires_records_and_workdir(tmp_path):
   from varcmp_jax.train import main as train_main_lib
-  with pytest.raises(SystemExit, match="config.data.records is empty"):
+  with pytest.raises(SystemExit, match="config.data.records is empty") as error:
     train_main_lib.train_main(["--config", str(CONFIGS / "tiny_text.py"), "--workdir", str(tmp_path)])
-  with pytest.raises(SystemExit, match="--workdir is required"):
+  assert failed(error)
+  with pytest.raises(SystemExit, match="--workdir is required") as error:
     train_main_lib.train_main(["--config", str(CONFIGS / "tiny_text.py")])
+  assert failed(error)
 
 
 def test_cli_names_an_unknown_override_field(tmp_path):
   from varcmp_jax.train import main as train_main_lib
   with pytest.raises(SystemExit, match=r"--config.loss.levels.nope=1: .*loss.levels has no field 'nope' "
-                                       r"\(fields: frame, spatial, video\)"):
+                                       r"\(fields: frame, spatial, video\)") as error:
     train_main_lib.train_main(["--config", str(CONFIGS / "tiny_text.py"), "--workdir", str(tmp_path),
                                "--config.loss.levels.nope=1"])
-  with pytest.raises(SystemExit, match="could not convert string to float"):
+  assert failed(error)
+  with pytest.raises(SystemExit, match="could not convert string to float") as error:
     train_main_lib.train_main(["--config", str(CONFIGS / "tiny_text.py"), "--workdir", str(tmp_path),
                                "--config.weighting.beta=abc"])
+  assert failed(error)
 
 
 def test_lookup_against_hand_cases():
@@ -155,3 +166,30 @@ def test_lookup_against_hand_cases():
     config_lib.lookup(config, "weighting.betta")
   with pytest.raises(ValueError, match="the config has no field 'nope'"):
     config_lib.lookup(config, "nope.x")
+
+
+def test_varcmp_usage_version_and_help(capsys):
+  from varcmp_jax import __version__, cli
+  assert cli.main([]) == 2                                      # bare `varcmp`: the usage, as an error
+  captured = capsys.readouterr()
+  assert captured.out == "" and captured.err.startswith("usage: varcmp <command>") and "train" in captured.err
+  assert cli.main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: varcmp <command>")
+  assert cli.main(["--version"]) == 0 and capsys.readouterr().out == f"varcmp {__version__}\n"
+  assert cli.main(["trian"]) == 2 and "unknown command 'trian'" in capsys.readouterr().err
+  for command in ("train", "eval", "ablate"):
+    try:
+      code = cli.main([command, "--help"])
+    except SystemExit as e:                                    # absl-style commands exit from their parser
+      code = e.code
+    assert code in (0, None) and f"varcmp {command}" in capsys.readouterr().out
+
+
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path):
+  from varcmp_jax.train import main as train_main_lib
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(:\n")
+  with pytest.raises(SystemExit) as error:
+    train_main_lib.train_main(["--config", str(broken), "--workdir", str(tmp_path / "run")])
+  assert failed(error)
+  assert f"--config {broken}: cannot load it: SyntaxError" in str(error.value) and "\n" not in str(error.value)
+  assert not (tmp_path / "run").exists()

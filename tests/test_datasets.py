@@ -35,6 +35,7 @@ def test_ucfcrime_reader_splits_labels_and_events():
   abuse = next(i for i in test if i.video == "Abuse/Abuse028_x264.mp4")
   assert abuse.event_frames == (165, 240) and abuse.label == 1
   assert abuse.path == "/videos/Abuse/Abuse028_x264.mp4"
+  assert abuse.array_id == "Abuse028_x264"            # feature releases name their arrays by the stem
   normal = next(i for i in test if "Normal" in i.video)
   assert normal.label == 0 and normal.event_frames is None
 
@@ -57,6 +58,7 @@ def test_xdviolence_reader_ids_labels_and_lists():
   first = train[0]
   assert first.video == "Bad.Boys.1995__#00-26-51_00-27-53_label_B2-0-0" and first.label == 1
   assert first.path == "/xd/" + first.video + ".mp4" and first.caption == ""
+  assert first.array_id == first.video              # the dots of "Bad.Boys.1995" are not an extension
   assert all(i.label == 0 for i in items if i.video.endswith("_label_A"))
   annotated = next(i for i in test if i.video == "v=u5SF4SlqNDQ__#00-02-39_00-03-41_label_G-0-0")
   assert annotated.event_frames == (77, 1430)
@@ -75,7 +77,8 @@ def test_folder_reader_defaults_unicode_and_errors(tmp_path):
   items = datasets.read_folder(str(tmp_path), str(table))
   assert [(i.video, i.caption, i.label, i.split) for i in items] == [
       ("vidéo_ü.mp4", "a man runs", 0, "train"), ("b.mp4", "", 0, "train")]
-  assert items[0].path == str(tmp_path / "vidéo_ü.mp4")
+  assert items[0].path == str(tmp_path / "vidéo_ü.mp4") and items[0].array_id == "vidéo_ü"
+  assert datasets.read_folder(None, str(table))[0].path == "vidéo_ü.mp4"   # records from arrays: no videos dir
 
   with_events = tmp_path / "events.csv"
   with_events.write_text("video,caption,label,split,event_start,event_end\na.mp4,x,1,test,1.5,2.5\nb.mp4,y,0,test,-1,-1\n")

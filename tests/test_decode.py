@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import search_fixtures
 from data_prep import decode as decode_lib
-from data_prep.decode import DecodeError, DecodeOptions, decode
+from data_prep.decode import DecodeError, DecodeOptions, decode, decode_audio
 from media_fixtures import garbage_file, level_video, shared_data, truncated_copy, write_video
 
 
@@ -91,7 +92,9 @@ def test_audio_is_mixed_to_mono_resampled_and_aligned(tmp_path):
 @pytest.mark.parametrize("make, reason", [
     (lambda p: open(p, "wb").close() or str(p), "empty file"),
     (garbage_file, "cannot open"),
-    (lambda p: truncated_copy(level_video(p.with_suffix(".ok.mp4")), p), ""),
+    # An mp4 keeps its index (moov) at the end: cut in half, FFmpeg cannot open it at all.
+    (lambda p: truncated_copy(level_video(p.with_suffix(".ok.mp4")), p),
+     "cannot open: [Errno 1094995529] Invalid data found when processing input"),
     (lambda p: str(p) + ".missing", "file not found"),
 ])
 def test_bad_files_raise_decode_error_with_a_reason(tmp_path, make, reason):
@@ -151,3 +154,52 @@ def test_truncated_stream_with_its_header_intact(tmp_path):
   (tmp_path / "cut.mkv").write_bytes(data[:len(data) // 3])
   with pytest.raises(DecodeError, match="truncated: video frames end at"):
     decode(str(tmp_path / "cut.mkv"), DecodeOptions(snippets=4, image_size=16, audio="none"))
+
+
+# --- decode_audio: the audio track of any file, with or without video --------------------------------------
+
+AUDIO = DecodeOptions(snippets=8, audio="required", mel_bins=64, mel_frames=96)
+
+
+def windows_of(waveform: np.ndarray, duration: float, options: DecodeOptions) -> np.ndarray:
+  """log_mel of the raw samples, one window per snippet centre, cut here by index (no decoding)."""
+  length = decode_lib.mel_window_samples(options.mel_frames)
+  centres = (np.arange(options.snippets) + 0.5) * duration / options.snippets
+  starts = np.clip(np.round(centres * 16000).astype(int) - length // 2, 0, len(waveform) - length)
+  filters = decode_lib.mel_filters(options.mel_bins).astype(np.float32)
+  return np.stack([decode_lib.log_mel(waveform[s:s + length], filters) for s in starts])
+
+
+@pytest.mark.parametrize("extension", [".wav", ".flac", ".mp3", ".m4a"])
+def test_audio_only_files(tmp_path, extension):
+  # Noise with a 1 kHz tone from 2 s to 3 s of 4 s: 8 snippets of 0.5 s, centres 2.25 s and 2.75 s in the tone.
+  waveform = search_fixtures.tone_waveform(4.0)
+  path = search_fixtures.write_audio(tmp_path / f"query{extension}", waveform)
+  out = decode_audio(path, AUDIO)
+  assert out["mel"].shape == (8, 96, 64) and out["mel"].dtype == np.float16
+  assert out["duration"] == pytest.approx(4.0, abs=0.01)
+  np.testing.assert_allclose(out["times"][:, 0], np.arange(8) * 0.5, atol=1e-3)
+  mel = out["mel"].astype(np.float32)
+  if extension in (".wav", ".flac"):      # lossless: the windows of the samples written (16-bit, float16 mel)
+    error = np.abs(mel - windows_of(waveform, 4.0, AUDIO))
+    assert error.mean() < 1e-3 and error.max() < 0.03, (error.mean(), error.max())   # log(|x| + 0.01): quiet bins
+  energy = mel.mean(axis=1).max(axis=1)
+  assert np.all(energy[[4, 5]] > energy[[0, 1, 2, 3, 6, 7]].max() + 1), energy
+
+
+def test_audio_of_a_video_is_its_records_mel(tmp_path):
+  path = level_video(tmp_path / "video.mp4", seconds=4.0)
+  options = DecodeOptions(snippets=6, image_size=16, audio="required", mel_bins=32, mel_frames=48)
+  np.testing.assert_array_equal(decode_audio(path, options)["mel"], decode(path, options)["mel"])
+
+
+def test_audio_decode_errors_name_their_reason(tmp_path):
+  with pytest.raises(DecodeError, match="no audio track"):
+    decode_audio(level_video(tmp_path / "silent.mp4", audio=False), AUDIO)
+  flac = search_fixtures.write_audio(tmp_path / "whole.flac", search_fixtures.tone_waveform(8.0))
+  with pytest.raises(DecodeError, match=r"truncated: audio ends at 3\.\d+ s of 8\.00 s"):
+    decode_audio(truncated_copy(flac, tmp_path / "cut.flac"), AUDIO)
+  with pytest.raises(DecodeError, match="cannot open"):
+    decode_audio(garbage_file(tmp_path / "noise.mp3"), AUDIO)
+  with pytest.raises(DecodeError, match="empty file"):
+    decode_audio(str(open(tmp_path / "empty.wav", "wb").name), AUDIO)

@@ -123,11 +123,11 @@ def test_features_match_hf_tower(hf_clip, frame_records, tmp_path, dtype, comput
         np.testing.assert_allclose(record["regions"].astype(np.float32), r, atol=tol * scale, rtol=0)
   assert sorted(seen) == sorted(recs)
 
-  # The Grain pipeline reads them back as a features-regime split, float32.
+  # The Grain pipeline reads them back as a features-regime split, float32 (a config of their width and T).
   config = config_lib.default_config("text", "features")
-  config.data.records, config.data.snippets = str(out), 4
+  config.data.records, config.data.snippets, config.model.clip.projection_dim = str(out), 3, PROJ
   batch = next(iter(pipeline.make_eval_iterator(config, "test", 3)))
-  assert batch["features"].dtype == np.float32 and batch["regions"].shape == (3, 4, 4, PROJ)
+  assert batch["features"].dtype == np.float32 and batch["regions"].shape == (3, 3, 4, PROJ)
 
 
 def test_rerun_keeps_finished_shards(hf_clip, frame_records, tmp_path):

@@ -95,6 +95,26 @@ def test_logit_scale_is_clipped_at_the_max():
   np.testing.assert_allclose(float(total(big)), float(total(at_max)), rtol=1e-6)
 
 
+def test_logit_scale_above_the_max_keeps_its_gradient():
+  # The clip is min(s, max) in value, but a scale that overshot must still feel the loss (a plain clip
+  # has zero gradient above the max, so it would stay stuck). Reference: torch autograd of the loss at
+  # s = ln 100, where the clip is inactive.
+  video, query, labels, scales = make_batch("text")
+  config = config_lib.default_config("text")
+  config.loss.mil = 0.0
+  grad = jax.jit(jax.grad(lambda s: losses.varcmp_loss(video, query, labels, s, config)[0]))
+  above = grad({name: jnp.float32(10.0) for name in scales})
+  sims = jax.jit(similarity.level_similarities, static_argnums=3)(
+      video, losses.video_weights(video, config), query, "text")
+  for name in scales:
+    scale = torch.tensor(math.log(100.0), dtype=torch.float64, requires_grad=True)
+    logits = torch.from_numpy(np.asarray(sims[name], np.float64)) * torch.exp(scale)
+    target = torch.arange(B)
+    (0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))).backward()
+    assert abs(float(scale.grad)) > 1e-3, name
+    np.testing.assert_allclose(float(above[name]), float(scale.grad), rtol=1e-4, err_msg=name)
+
+
 def test_zero_weight_removes_the_term():
   video, query, labels, scales = make_batch("text")
   config = config_lib.default_config("text")

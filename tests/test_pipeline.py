@@ -135,7 +135,7 @@ def test_external_prior_travels_only_when_the_config_reads_it(tmp_path, data):
   # Records without a prior (some in `data`) are an error naming the record, not silent zeros.
   config = make_config(data[0])
   config.prior.source = "mean"
-  with pytest.raises(KeyError, match="no external 'prior'"):
+  with pytest.raises(KeyError, match="has no 'prior' \\(needed by prior.source='mean'\\)"):
     for _ in range(4):
       next(pipeline.make_train_iterator(config, batch_size_per_process=4, seed=0))
 
@@ -264,3 +264,21 @@ def test_worker_processes(data, tmp_path):
   restored = manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))["data"]
   for want_index in expected:
     np.testing.assert_array_equal(next(restored)["index"], want_index)
+
+
+def test_batches_hold_only_what_the_config_reads(tmp_path):
+  """No spatial level: no regions in the batch (released features have none); the audio tower's input only."""
+  rng = np.random.default_rng(5)
+  recs = [make_record(i, 6, rng, with_prior=False) for i in range(4)]
+  for record in recs:
+    del record["regions"]
+    record["audio_features"] = rng.normal(size=(6, 5)).astype(np.float32)
+  config = make_config(write_records(tmp_path, {"train": recs}, shards=1), task="audio")
+  config.loss.levels.spatial = 0.0
+  config.model.audio.kind = "features"
+  batch = next(pipeline.make_train_iterator(config, batch_size_per_process=2, seed=0))
+  assert set(batch) == {"features", "audio_features", "tokens", "label", "mask", "index"}
+  check_batch(batch, recs, ["features", "audio_features"])
+  config.loss.levels.spatial = 1.0
+  with pytest.raises(KeyError, match=r"has no 'regions' \(needed by loss.levels.spatial\)"):
+    next(pipeline.make_train_iterator(config, batch_size_per_process=2, seed=0))

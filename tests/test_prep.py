@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from data_prep import prep
+from data_prep import prep, row
 from media_fixtures import REPO, garbage_file, level_video, shared_data, truncated_copy, ucf_release
 from varcmp_jax.data.records import decode_record
 
@@ -134,11 +134,11 @@ def test_ucfcrime_release_with_a_non_text_caption(tmp_path):
 
 
 def test_check_caption_rejects_non_text():
-  assert prep.check_caption(" a b ", "text") == ("a b", None)
-  assert prep.check_caption(3.5, "text")[1].startswith("caption is not text (float")
-  assert prep.check_caption(None, "text")[1].startswith("caption is not text (NoneType")
-  assert prep.check_caption("", "text") == (None, "empty caption")
-  assert prep.check_caption(None, "audio") == ("", None)
+  assert row.check_caption(" a b ", "text") == ("a b", None)
+  assert row.check_caption(3.5, "text")[1].startswith("caption is not text (float")
+  assert row.check_caption(None, "text")[1].startswith("caption is not text (NoneType")
+  assert row.check_caption("", "text") == (None, "empty caption")
+  assert row.check_caption(None, "audio") == ("", None)
 
 
 def test_killed_job_resumes_with_every_video_exactly_once(tmp_path):
@@ -194,3 +194,89 @@ def test_exit_codes_for_jobs_that_cannot_run(tmp_path, mixed_folder):
   assert prep_into(tmp_path / "b", one, snippets=3) == 2                  # a different job in the same --out
   with pytest.raises(SystemExit):
     prep_into(tmp_path / "c", table, snippets=0)
+
+
+def feature_folder(root, count=6):
+  """A folder dataset of per-video CLIP-like feature arrays (no videos): fast rows for job-level tests."""
+  rng = np.random.default_rng(0)
+  (root / "features").mkdir(parents=True)
+  rows = []
+  for i in range(count):
+    np.save(root / "features" / f"v{i}.npy", rng.normal(size=(10, 8)).astype(np.float32))
+    rows.append((f"v{i}.mp4", f"video number {i}", i % 2, "train" if i < count - 2 else "test"))
+  return write_csv(root / "captions.csv", rows)
+
+
+def feature_args(root, table, out, *extra):
+  return ["--dataset", "folder", "--captions", table, "--out", out, "--visual-features",
+          root / "features" / "{video}.npy", "--visual-clip-seconds", 0.5, "--snippets", 4, "--workers", 0, *extra]
+
+
+def test_an_edited_table_is_a_different_job(tmp_path, capsys):
+  table = feature_folder(tmp_path)
+  out = tmp_path / "out"
+  assert run_prep(*feature_args(tmp_path, table, out)) == 0
+  assert run_prep(*feature_args(tmp_path, table, out)) == 0          # the same job: nothing to redo
+  with open(table, encoding="utf-8") as f:
+    text = f.read()
+  with open(table, "w", encoding="utf-8") as f:                       # same path, one caption changed
+    f.write(text.replace("video number 3", "a different caption"))
+  capsys.readouterr()
+  assert run_prep(*feature_args(tmp_path, table, out)) == 2
+  assert "table_sha256" in capsys.readouterr().err
+  assert run_prep(*feature_args(tmp_path, table, out, "--overwrite")) == 0
+  assert [r["caption"] for r in read_records(str(out))["train"]][3] == "a different caption"
+
+
+def test_a_job_that_writes_nothing_fails_with_the_reasons_counted(tmp_path, capsys):
+  table = write_csv(tmp_path / "captions.csv", [("a.mp4", "x", 0, "train"), ("b.mp4", "", 0, "train"),
+                                                ("c.mp4", "y", 0, "test"), ("d.mp4", "   ", 1, "test")])
+  assert run_prep("--dataset", "folder", "--videos", tmp_path, "--captions", table, "--out", tmp_path / "out",
+                  "--workers", 0) == 1
+  captured = capsys.readouterr()
+  assert "skipped 4 videos" in captured.out
+  assert "     2  file not found  (e.g. " in captured.out and "     2  empty caption  (e.g. " in captured.out
+  assert "no records written" in captured.err
+
+
+def test_xdviolence_is_an_audio_dataset(tmp_path, capsys):
+  lists = tmp_path / "lists"
+  lists.mkdir()
+  (lists / "audio.list").write_text("/f/Clip.One__#00_label_A__vggish.npy\n")
+  (lists / "audio_test.list").write_text("/f/Clip.Two__#00_label_B1-0-0__vggish.npy\n")
+  base = ["--dataset", "xdviolence_ar", "--videos", str(tmp_path), "--captions", str(lists), "--out", str(tmp_path / "o")]
+  assert prep.parse_args(base).task == "audio"           # not a mass "empty caption" skip
+  with pytest.raises(SystemExit) as exit_info:
+    prep.parse_args(base + ["--task", "text"])
+  assert exit_info.value.code == 2 and "has no captions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "disk full"])
+def test_a_failed_job_leaves_no_temp_shards_and_resumes(tmp_path, monkeypatch, capsys, failure):
+  table = feature_folder(tmp_path, count=8)
+  out = tmp_path / "out"
+  calls = []
+  build_record = prep.run_row
+
+  def failing(job):
+    calls.append(job)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return build_record(job)
+
+  def full_disk(self, record, encoded):
+    raise OSError(28, "No space left on device")
+
+  if failure == "interrupt":
+    monkeypatch.setattr(prep, "run_row", failing)
+  else:
+    monkeypatch.setattr(prep.ShardWriter, "add", full_disk)
+  assert run_prep(*feature_args(tmp_path, table, out, "--shard-size", 4)) == 1
+  err = capsys.readouterr().err
+  assert ("interrupted" if failure == "interrupt" else "No space left on device") in err and "resume" in err
+  assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+  assert not (out / "manifest.json").exists()
+  monkeypatch.undo()
+  assert run_prep(*feature_args(tmp_path, table, out, "--shard-size", 4)) == 0
+  names = sorted(r["video"] for split in read_records(str(out)).values() for r in split)
+  assert names == sorted(f"v{i}.mp4" for i in range(8))

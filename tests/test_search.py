@@ -1,25 +1,26 @@
 """`varcmp search`: retrieval of a video by its own caption, key segments in seconds, the gallery cache,
-the localization hit rate and the plot.
+the localization hit rate, the plot, audio queries from audio files, and clear errors.
 
-The model is a tiny untrained VarCMP (features regime) saved as an Orbax checkpoint the way training
-saves it. Its temporal adapter starts as the identity (zero-initialized residual), so f_t = g_t, and the
-gallery is built so that it must retrieve correctly: in each video the event snippets carry the text
-embedding of its caption (regions: its word embeddings), every other snippet is noise, and the external
-prior is high on the event.
+The models are tiny untrained VarCMPs saved as Orbax checkpoints (search_fixtures). The text gallery is built
+so that it must retrieve correctly: in each video the event snippets carry the text embedding of its caption
+(regions: its word embeddings), every other snippet is noise, and the external prior is high on the event.
 """
 import json
+import os
 
+import av
 import jax
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
+import search_fixtures as fixtures
 from varcmp_jax import clip
-from varcmp_jax import config as config_lib
+from varcmp_jax import evaluate
 from varcmp_jax import search
-from varcmp_jax.data.records import encode_record
+from varcmp_jax.index import build
+from data_prep import decode as decode_lib
 
-SNIPPET_SECONDS = 1.5
+SNIPPET_SECONDS = fixtures.SNIPPET_SECONDS
 CAPTIONS = ["a red car crashes into a wall", "a blue ball bounces across the grass",
             "a green square spins near the door", "a yellow truck stops in the rain",
             "a person in white falls off a bicycle", "two purple circles drift slowly left"]
@@ -28,34 +29,14 @@ LAYOUT = [(8, (3, 4), True), (6, (1, 2), True), (10, (4, 5), True), (8, (6, 7), 
           (8, (2, 3), False)]
 
 
-def tiny_config():
-  config = config_lib.default_config("text", "features")
-  config.model.clip = config_lib.clip_tiny(image_size=16, patch_size=8, width=32, depth=1)
-  config.model.dtype = "float32"
-  config.model.temporal = dict(num_layers=1, num_heads=2, mlp_ratio=2, max_len=16)
-  config.model.anomaly_head.hidden = 16
-  config.data.snippets = 8
-  config.prior.source = "external"
-  config.train.batch_size = config.eval.batch_size = 4
-  config.eval.chunk_size = 4
-  return config
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  from varcmp_jax.train import checkpoint as checkpoint_lib
-  from varcmp_jax.train import step as step_lib
-  config = tiny_config()
-  trainer = step_lib.build(config)
-  model = trainer.model
-  state = trainer.init_state(0)
-  text = jax.device_get(jax.jit(lambda p, ids: model.apply({"params": p}, {"tokens": ids}, method=model.encode_query))(
-      state["params"], clip.tokenizer()(CAPTIONS)))
-
+def caption_records(trainer, params, with_events: bool = True):
+  text = fixtures.text_embeddings(trainer, params, CAPTIONS)
   rng = np.random.default_rng(0)
+  config = trainer.config
   width, regions = config.model.clip.projection_dim, config.model.region_grid ** 2
   records, events = [], []
   for g, (n, event_snippets, has_event) in enumerate(LAYOUT):
+    has_event = has_event and with_events
     features = 0.3 * rng.standard_normal((n, width))
     region_tokens = 0.3 * rng.standard_normal((n, regions, width))
     prior = np.full(n, 0.05)
@@ -69,24 +50,26 @@ def setup(tmp_path_factory):
     events.append(event)
     records.append(dict(
         video=f"video_{g}.mp4", caption=CAPTIONS[g], tokens=clip.tokenizer()([CAPTIONS[g]])[0], label=np.int32(has_event),
-        split="test", duration=np.float32(n * SNIPPET_SECONDS), times=times.astype(np.float32),
+        duration=np.float32(n * SNIPPET_SECONDS), times=times.astype(np.float32),
         event=np.asarray(event, np.float32), features=features.astype(np.float16),
         regions=region_tokens.astype(np.float16), prior=prior.astype(np.float32)))
-  root = tmp_path_factory.mktemp("records")
-  writer = ArrayRecordWriter(str(root / "test-00000-of-00001.array_record"), "group_size:1")
-  for record in records:
-    writer.write(encode_record(record))
-  writer.close()
-  (root / "manifest.json").write_text(json.dumps(
-      {"splits": {"test": {"records": len(records), "shards": ["test-00000-of-00001.array_record"]}}}))
+  return records, events
 
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  checkpointer = checkpoint_lib.Checkpointer(str(workdir), 1, 1)
-  checkpointer.save(1, state, force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  return str(workdir), str(root), events
+  trainer, params = fixtures.save_run(str(workdir), fixtures.tiny_config("text"))
+  records, events = caption_records(trainer, params)
+  root = fixtures.write_records(tmp_path_factory.mktemp("records"), records)
+  return str(workdir), root, events
+
+
+@pytest.fixture(scope="module")
+def text_run(setup):
+  """The run of `setup`, loaded once."""
+  from varcmp_jax import trained
+  return trained.load(setup[0])
 
 
 def run_json(capsys, argv):
@@ -167,7 +150,130 @@ def test_slot_times_follow_the_pipeline_subsample():
   np.testing.assert_array_equal(slots[1][3:], 0)
 
 
-def test_wrong_query_kind_is_a_clear_error(setup):
+def test_wrong_query_kind_is_a_clear_error(setup, tmp_path):
   workdir, records, _ = setup
+  wav = fixtures.write_audio(tmp_path / "clip.wav", fixtures.tone_waveform(2.0))
   with pytest.raises(SystemExit, match="query it with --text"):
-    search.main(["--workdir", workdir, "--gallery", records, "--audio", "clip.mp4"])
+    search.main(["--workdir", workdir, "--gallery", records, "--audio", wav])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text", "   "], "--text is empty"),
+    (["--text", ""], "--text is empty"),
+    (["--text", "a car", "--plot", "missing_folder/hits.png"], "missing_folder does not exist"),
+    (["--text", "a car", "--plot", "hits.xyz"], "unknown image type .xyz"),
+    (["--audio", "no_such_file.wav"], "no_such_file.wav: file not found"),
+    (["--index", "INDEX", "--text", "a car", "--localization"], "not allowed with argument"),
+])
+def test_bad_queries_fail_before_anything_runs(setup, capsys, monkeypatch, tmp_path, argv, message):
+  workdir, records, _ = setup
+  monkeypatch.chdir(tmp_path)
+  from varcmp_jax import trained
+  monkeypatch.setattr(trained, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+  where = [] if "--index" in argv else ["--workdir", workdir, "--gallery", records]
+  with pytest.raises(SystemExit) as exit_info:
+    search.main(where + argv)
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert message in error and "Traceback" not in error
+  assert not os.listdir(tmp_path)
+
+
+def test_blank_text_is_an_error_for_the_query_encoder_too(text_run):
+  with pytest.raises(ValueError, match="text query is empty"):
+    search.QueryEncoder(text_run).text(" \n")
+
+
+def test_table_fits_long_xd_ids():
+  names = ["Bad.Boys.1995__#01-11-55_01-12-40_label_G-B2-B6", "v_Riot_in_the_street_x264__#1_label_B4-0-0",
+           "short.mp4"]
+  hits = [{"rank": i + 1, "score": 1.5 - i, "video": name, "caption": "", "segments": []}
+          for i, name in enumerate(names)]
+  lines = search.format_table(hits, "q").splitlines()
+  assert [line.split()[2] for line in lines[2:]] == names            # whole, never cut or run together
+  column = lines[1].index("key segments")
+  assert all(line[column - 1] == " " and line[column] != " " for line in lines[2:])
+
+
+def test_localization_without_events_says_so(setup, text_run, tmp_path_factory, capsys):
+  records = fixtures.write_records(tmp_path_factory.mktemp("no_events"),
+                                   caption_records(text_run.trainer, text_run.params, with_events=False)[0])
+  assert search.main(["--workdir", setup[0], "--gallery", records, "--localization"]) == 0
+  out = capsys.readouterr().out
+  assert "no video of the split has an event interval" in out and "nan" not in out
+  gallery = search.load_gallery(text_run, records, "test")
+  result = search.localization_hit_rate(text_run, gallery, records, "test")
+  assert result["all_events"] == 0 and result["hit_rate"] is None and result["hit_rate_all_events"] is None
+  json.dumps(result, allow_nan=False)      # valid JSON for --json
+
+
+# --- audio queries from audio files ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def audio_setup(tmp_path_factory):
+  from varcmp_jax import trained
+  root = tmp_path_factory.mktemp("audio")
+  config = fixtures.tiny_config("audio")
+  trainer, params = fixtures.save_run(str(root / "run"), config)
+  records = fixtures.write_records(root / "records", fixtures.random_audio_records(config, 12))
+  run = trained.Trained(config, trainer, params, 1, str(root / "run"))    # what trained.load restores
+  waveform = fixtures.tone_waveform(6.0)
+  files = {ext: fixtures.write_audio(root / f"query{ext}", waveform) for ext in fixtures.AUDIO_FORMATS}
+  return {"run": run, "records": records, "root": root, "waveform": waveform, "files": files}
+
+
+def reference_mel(waveform: np.ndarray, duration: float, snippets: int, config) -> np.ndarray:
+  """The log-mel windows of 16 kHz samples, cut at the snippet centres of `duration` seconds."""
+  audio = config.model.audio
+  length = decode_lib.mel_window_samples(audio.mel_frames)
+  samples = np.zeros(int(round(duration * 16000)), np.float32)
+  samples[:min(len(samples), len(waveform))] = waveform[:len(samples)]
+  centres = decode_lib.snippet_times(duration, snippets).mean(axis=1)
+  starts = np.clip(np.round(centres * 16000).astype(int) - length // 2, 0, len(samples) - length)
+  filters = decode_lib.mel_filters(audio.mel_bins).astype(np.float32)
+  return np.stack([decode_lib.log_mel(samples[s:s + length], filters) for s in starts])
+
+
+def decoded_samples(path: str) -> np.ndarray:
+  """All samples of a 16 kHz mono audio file, decoded here without resampling."""
+  with av.open(path) as container:
+    frames = list(container.decode(audio=0))
+  assert {(f.sample_rate, len(f.layout.channels)) for f in frames} == {(16000, 1)}
+  to_float = lambda f: f.to_ndarray().reshape(-1).astype(np.float32) / (32768.0 if f.format.name == "s16" else 1.0)
+  return np.concatenate([to_float(f) for f in frames])
+
+
+def test_audio_files_as_queries_end_to_end(audio_setup, capsys):
+  run, config = audio_setup["run"], audio_setup["run"].config
+  gallery = search.load_gallery(run, audio_setup["records"], "test", use_cache=False)
+  model = run.model
+  files = audio_setup["files"]
+  mels = []
+  for ext, path in files.items():
+    samples = decoded_samples(path)
+    if ext in (".wav", ".flac"):     # lossless: the samples written, to 16-bit precision
+      np.testing.assert_allclose(samples, audio_setup["waveform"], atol=2 / 32768)
+    mels.append(reference_mel(samples, 6.0, config.data.snippets, config))
+  queries = jax.device_get(jax.jit(lambda p, batch: model.apply({"params": p}, batch, method=model.encode_query))(
+      run.params, {"mel": np.stack(mels), "mask": np.ones((len(mels), 8), bool)}))
+  encoder = search.QueryEncoder(run)
+  for q, (ext, path) in enumerate(files.items()):     # each file type gives the query of its samples
+    query = encoder.audio_file(path)
+    np.testing.assert_allclose(query.segments[0], queries.segments[q], atol=2e-3, err_msg=ext)
+  expected = evaluate.level_and_combined_similarities(gallery.video, queries, config)["combined"][0]
+  hits = search.search(run, gallery, encoder.audio_file(files[".wav"]), top_k=12)
+  scores = np.array([h["score"] for h in hits])
+  np.testing.assert_allclose(scores, expected[[h["index"] for h in hits]], atol=2e-3)
+  assert np.all(np.diff(scores) <= 0) and sorted(h["index"] for h in hits) == list(range(12))
+
+  # The command, on the in-memory gallery and on an index of it: the same hits.
+  index = audio_setup["root"] / "index"
+  build.build(run, audio_setup["records"], str(index), "test", shard_size=5)
+  wav = audio_setup["files"][".wav"]
+  hits = run_json(capsys, ["--workdir", run.workdir, "--gallery", audio_setup["records"], "--audio", wav,
+                           "--top-k", "5", "--no-cache"])["hits"]
+  indexed = run_json(capsys, ["--index", str(index), "--audio", wav, "--top-k", "5"])
+  assert indexed["query"] == f"audio of {wav}"
+  assert [h["video"] for h in indexed["hits"]] == [h["video"] for h in hits]
+  np.testing.assert_allclose([h["score"] for h in indexed["hits"]], [h["score"] for h in hits], atol=2e-3)

@@ -193,3 +193,44 @@ def test_bad_arguments_are_named():
     similarity.level_similarities(v, w, t, "text", levels=("temporal",))
   with pytest.raises(TypeError, match="AudioEmbeddings"):
     similarity.level_similarities(v, w, t, "audio")
+
+
+def dot_precisions(jaxpr):
+  """The precision of every dot_general in a jaxpr, sub-jaxprs (map, checkpoint, jit) included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn.params["precision"]
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from dot_precisions(inner)
+
+
+@pytest.mark.parametrize("task", ["text", "audio"])
+def test_every_contraction_is_pinned_to_float32_precision(task):
+  # Unpinned, a float32 dot runs in bf16 passes on TPU and TF32 on GPU; on CPU it makes no difference, so
+  # the pin itself is what is checked, in the forward and the backward pass (levels and localization).
+  v, w, t, a = to_jax(*make_inputs())
+  query = t if task == "text" else a
+  def all_levels(v, query):
+    sims = similarity.level_similarities(v, w, query, task, chunk_size=2)
+    return sum(jnp.sum(s) for s in sims.values()) + jnp.sum(similarity.snippet_relevance(v, w[:Q], query))
+  first = lambda tree: jax.tree.map(lambda x: x[:Q], tree)
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda v, q: all_levels(first(v), q), argnums=(0, 1),
+                                            allow_int=True))(v, query).jaxpr
+  precisions = list(dot_precisions(jaxpr))
+  assert len(precisions) >= 6
+  highest = jax.lax.Precision.HIGHEST
+  for precision in precisions:
+    assert precision is not None and all(p == highest for p in (precision if isinstance(precision, tuple) else (precision,))), precision
+
+
+def test_l2_normalize_of_zero_is_finite_with_the_documented_gradient():
+  # Below the eps floor the map is x / eps: at 0 the Jacobian is I / eps (the docstring's claim), and
+  # masked-out entries get an exact zero gradient.
+  jacobian = np.asarray(jax.jacfwd(similarity.l2_normalize)(jnp.zeros(3)))
+  np.testing.assert_allclose(jacobian, np.eye(3) / 1e-6, rtol=1e-6)
+  masked = jax.jacfwd(lambda x: similarity.l2_normalize(x, jnp.asarray([False, True])))(jnp.ones((2, 3)))
+  assert np.all(np.asarray(masked)[0] == 0.0)
+  assert np.all(np.asarray(similarity.l2_normalize(jnp.zeros((2, 3)))) == 0.0)

@@ -90,5 +90,21 @@ def test_event_is_visible_only_during_its_interval(tmp_path):
 
 
 def test_bad_arguments_are_refused(tmp_path):
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as error:
     synth.main(["--out", str(tmp_path), "--videos", "0"])
+  assert error.value.code == 2                      # argparse's usage error
+
+
+def test_existing_benchmark_is_kept_without_overwrite(tmp_path, capsys):
+  """A second synth into the same --out refuses (exit 1, naming captions.csv) and touches nothing."""
+  out = str(tmp_path)
+  tiny = ["--out", out, "--duration", "1", "--fps", "2", "--size", "16", "--workers", "0"]
+  assert synth.main(tiny + ["--videos", "1"]) == 0
+  before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+  capsys.readouterr()
+  assert synth.main(tiny + ["--videos", "2"]) == 1
+  err = capsys.readouterr().err
+  assert "captions.csv exists" in err and "--overwrite" in err
+  assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+  assert synth.main(tiny + ["--videos", "2", "--overwrite"]) == 0
+  assert len(rows(out)) == 2

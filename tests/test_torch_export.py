@@ -169,3 +169,29 @@ def test_export_main_from_checkpoint(tmp_path):
   assert exported["clip_towers"]["image"].startswith("random init")
   with pytest.raises(SystemExit, match="no checkpoint at step 9"):
     export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out2"), "--step", "9"])
+
+
+@pytest.mark.parametrize("task, audio_kind", [("text", "spectrogram"), ("audio", "features")])
+def test_export_parity_released_features(tmp_path, task, audio_kind):
+  """Visual features of another width (projected into the joint space) and no region tokens: no spatial level."""
+  config = tiny_config(task, "features", audio_kind)
+  config.model.video_features.dim = 24
+  config.loss.levels.spatial = 0.0
+  model = VarCMP(config.model, task=task, regime="features")
+  batch = make_batch([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], 4, seed=5)
+  batch["features"] = np.random.RandomState(5).randn(3, SNIPPETS, 24).astype(np.float32)
+  del batch["regions"]
+  params = random_params(model, batch, seed=5)
+  assert "video_projection" in params
+  torch_model = VarCMPTorch.from_pretrained(export.export(config, params, str(tmp_path / "out"), step=1))
+  video, query, prior, weights, levels, relevance, _ = flax_outputs(model, params, batch, config)
+  with torch.no_grad():
+    t_video = torch_model.encode_video({k: torch.from_numpy(v) for k, v in batch.items()})
+    t_levels = torch_model.similarities(t_video, torch_model.encode_query({k: torch.from_numpy(v) for k, v in batch.items()}))
+  assert video.regions is None and t_video["regions"] is None
+  close(t_video["frames"], video.frames, "video.frames")
+  close(torch_model.weights(t_video), weights, "weights")
+  assert set(t_levels) == set(levels) == set(config_lib.TASK_LEVELS[task][:2]) | {"combined"}
+  for name in levels:
+    close(t_levels[name], levels[name], f"similarity {name}")
+  assert np.abs(np.asarray(video.frames)).max() > 1e-2

@@ -1,5 +1,6 @@
 """The train step: gradient accumulation, per-tower learning rates and freezing, the schedule."""
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -165,3 +166,97 @@ def test_clip_checkpoint_replaces_the_random_towers(tmp_path):
   assert not np.array_equal(pick(random), pick(donor))
   for got, expected in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(donor)):
     np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+# ---- the loop's workdir safety and the command line's errors -----------------------------------------
+
+
+def test_full_disk_ends_the_run_with_one_line_and_the_last_checkpoint_intact(tmp_path, monkeypatch):
+  """The disk fills while step 5 is logged: RunError (one line) naming the last complete checkpoint, which
+  restores; the writer lock is released; no hang (the TensorBoard write fails in the loop's own thread)."""
+  import errno
+  import sys
+  from tensorboardX import record_writer
+  from varcmp_jax import trained
+  from varcmp_jax.train import train as train_lib
+  from varcmp_jax.train.workdir import RunError
+  sys.path.insert(0, str(ROOT / "tests"))
+  from test_checkpoint import write_feature_records
+  config = load_config("tiny_text", "features")
+  config.data.records = str(write_feature_records(tmp_path / "records"))
+  config.train.num_steps, config.train.checkpoint_every = 8, 2
+  workdir = tmp_path / "run"
+  real_write = record_writer.RecordWriter.write
+  def fill_up_at_step_5(self, data):
+    if b"train/loss" in data and read_steps(workdir)[-1:] == [5]:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write(self, data)
+  monkeypatch.setattr(record_writer.RecordWriter, "write", fill_up_at_step_5)
+  with pytest.raises(RunError) as error:
+    train_lib.train(config, str(workdir))
+  message = str(error.value)
+  assert "\n" not in message and "disk full writing into" in message and "No space left on device" in message
+  assert f"the last complete checkpoint is step 4 ({workdir / 'checkpoints' / '4'})" in message
+  assert "rerun the same command to resume" in message
+  assert (workdir / "writer.lock").read_text() == ""
+  assert trained.restore(config, str(workdir)).step == 4
+
+
+def read_steps(workdir):
+  path = workdir / "metrics.jsonl"
+  return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_train_errors_are_one_line_and_leave_no_workdir(tmp_path, capsys):
+  from varcmp_jax.train import main as train_main_lib
+  config_file = str(ROOT / "configs" / "tiny_text.py")
+  (tmp_path / "a_file").write_text("")
+  for argv, message in [
+      (["--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path / "w1"), "--config.data.records=/r"],
+       f"--config {tmp_path / 'nope.py'}: no such file"),
+      (["--config", config_file, "--workdir", str(tmp_path / "w2"), f"--config.data.records={tmp_path / 'none'}"],
+       f"config.data.records: {tmp_path / 'none' / 'manifest.json'}: no manifest"),
+      (["--config", config_file, "--workdir", str(tmp_path / "a_file" / "w3"), f"--config.data.records={tmp_path}"],
+       f"cannot create the workdir {tmp_path / 'a_file' / 'w3'}"),
+      (["--config", config_file, "--workdir", str(tmp_path / "w4"), "--config.data.records=/r",
+        "--config.mesh.data=3"], "mesh data=3 x fsdp=1 = 3 != 1 devices"),
+  ]:
+    with pytest.raises(SystemExit) as error:
+      train_main_lib.train_main(argv)
+    assert error.value.code not in (0, None) and message in str(error.value), argv
+    assert "\n" not in str(error.value), argv
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]      # no workdir left behind
+  with pytest.raises(SystemExit) as error:
+    train_main_lib.train_main(["--help"])
+  assert error.value.code == 0
+  assert "usage: varcmp train --config" in capsys.readouterr().out
+
+
+def test_batch_size_the_devices_do_not_divide_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  sys.path.insert(0, str(ROOT / "tests"))
+  from test_sharding import subprocess_env
+  result = subprocess.run(
+      [sys.executable, "-m", "varcmp_jax.cli", "train", "--config", str(ROOT / "configs" / "tiny_text.py"),
+       "--workdir", str(tmp_path / "run"), "--config.data.records=/r", "--config.train.batch_size=12"],
+      env=subprocess_env(devices=8), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"varcmp train: {ROOT / 'configs' / 'tiny_text.py'}: micro-batch train.batch_size/grad_accum_steps=12 is not "
+      "divisible by the 8 mesh devices")
+  assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_training_never_imports_search_or_index():
+  """Imports run one way: train/ may use evaluate.py, never its users (search, index)."""
+  import ast
+  for path in sorted((ROOT / "varcmp_jax" / "train").glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+      for name in names:
+        assert not name.startswith(("varcmp_jax.search", "varcmp_jax.index", "varcmp_jax.serve")), (path.name, name)

@@ -399,3 +399,53 @@ def test_bad_inputs():
     model.apply({"params": params}, long, method="encode_video")
   with pytest.raises(ValueError, match="regime"):
     VarCMP(config.model, task="text", regime="pixels")
+
+
+def _gelu_tanh(x):   # flax.linen.gelu's default (tanh approximation), written from its formula
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def test_anomaly_head_matches_numpy_reference_with_nan_padding():
+  """a_t = sigmoid(fc2(gelu(fc1(f_t)))) on valid snippets, 0 on padding, whatever the padded features hold."""
+  config, model, params = built("text", "features")
+  batch = make_batch(config, [[1, 1, 1, 0], [1, 0, 1, 1]], seed=11)
+  for key in ("features", "regions"):
+    batch[key][~batch["mask"]] = np.nan
+  video = apply(model, params, batch, "encode_video")
+  f, anomaly = np.asarray(video.frames, np.float64), np.asarray(video.anomaly)
+  assert np.all(np.isfinite(f)) and np.all(np.isfinite(anomaly))
+  head = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params["anomaly_head"])
+  hidden = _gelu_tanh(f @ head["fc1"]["kernel"] + head["fc1"]["bias"])
+  expected = 1 / (1 + np.exp(-(hidden @ head["fc2"]["kernel"] + head["fc2"]["bias"])[..., 0]))
+  mask = batch["mask"]
+  np.testing.assert_allclose(anomaly[mask], expected[mask], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(anomaly[~mask], 0.0)
+  assert np.std(anomaly[mask]) > 1e-3          # not a constant head
+
+
+def test_visual_features_of_any_width_are_projected_and_regions_are_optional():
+  """video_features.dim = 20: the learned projection LayerNorm -> Dense -> GELU -> Dense (NumPy reference)
+  feeds the adapter; without `regions` in the batch the video has none and only the spatial level is refused."""
+  config = tiny_config("text", "features")
+  config.model.video_features.dim = 20
+  model = VarCMP(config.model, task="text", regime="features")
+  batch = make_batch(config, [[1, 1, 1], [1, 1, 0]], seed=12)
+  batch["features"] = np.random.RandomState(12).randn(2, 3, 20).astype(np.float32) * 3 + 1
+  del batch["regions"]
+  params = jit(model.init)(jax.random.key(1), batch)["params"]    # the adapter starts as the identity
+  assert set(params["video_projection"]) == {"norm", "fc1", "fc2"}
+  video, query = apply(model, params, batch)
+  assert video.regions is None and video.frames.shape == (2, 3, WIDTH)
+  p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params["video_projection"])
+  x = batch["features"].astype(np.float64)
+  x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * p["norm"]["scale"] + p["norm"]["bias"]
+  hidden = _gelu_tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+  expected = hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  mask = batch["mask"]
+  np.testing.assert_allclose(np.asarray(video.frames)[mask], expected[mask], rtol=1e-4, atol=1e-5)
+  sims = similarities(video, query, config)                        # every level the videos allow
+  assert set(sims) == {"video", "frame"}
+  with pytest.raises(ValueError, match="set loss.levels.spatial=0"):
+    similarity.level_similarities(video, np.ones((2, 3), np.float32), query, "text", levels=("spatial",))
+  with pytest.raises(ValueError, match=r"batch\['features'\] \(B, T, 20\) \(config.model.video_features.dim\)"):
+    model.apply({"params": params}, {**batch, "features": batch["features"][..., :8]}, method="encode_video")

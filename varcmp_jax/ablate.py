@@ -24,6 +24,7 @@ from absl import flags
 
 from varcmp_jax import config as config_lib
 from varcmp_jax import command_flags
+from varcmp_jax.train import workdir as workdir_lib
 
 METRICS = ("R1", "R5", "R10", "MdR")
 
@@ -164,40 +165,16 @@ def plan(config: ml_collections.ConfigDict, sweeps: list[str], variants: list[st
 # --- running -------------------------------------------------------------------------------------------
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  """{"a": {"b": 1}} -> {"a.b": 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
-def _check_same_config(workdir: str, config: ml_collections.ConfigDict):
-  """A variant directory holds a run of this very config, or nothing yet."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  wanted = json.loads(config.to_json_best_effort())
-  if saved != wanted:
-    a, b = _flatten(saved), _flatten(wanted)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    raise ValueError(f"{path}: this variant was run with a different config (differs in {diff[:6]}); "
-                     "remove the directory or use another --workdir")
-
-
 def run_variant(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming if interrupted) and evaluates one variant; returns its eval.json contents."""
+  """Trains (resuming if interrupted) and evaluates one variant, holding its workdir's lock throughout;
+  returns its eval.json contents."""
   eval_path = os.path.join(workdir, "eval.json")
   if not os.path.exists(eval_path):
     from varcmp_jax import evaluate as evaluate_lib          # jax starts only when something trains
     from varcmp_jax.train import train as train_lib
-    train_lib.train(config, workdir)
-    evaluate_lib.evaluate(config, workdir)
+    with workdir_lib.writer(workdir):
+      train_lib.train(config, workdir)
+      evaluate_lib.evaluate(config, workdir)
   return read_eval(eval_path)
 
 
@@ -295,16 +272,24 @@ def main(argv: list[str]) -> int:
   try:
     planned = plan(config, values.sweep, values.variant)
     for variant, variant_cfg in planned:   # a rerun with another config fails before any training
-      _check_same_config(os.path.join(workdir, variant.dirname), variant_cfg)
-  except ValueError as e:
+      workdir_lib.check_same_config(os.path.join(workdir, variant.dirname), variant_cfg, "reuse")
+  except (ValueError, workdir_lib.RunError) as e:
     raise SystemExit(f"varcmp ablate: {e}") from None
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    created = workdir_lib.make_dir(workdir)
+  except workdir_lib.RunError as e:
+    raise SystemExit(f"varcmp ablate: {e}") from None
   print(f"{len(planned)} variants: {', '.join(v.name for v, _ in planned)}", flush=True)
   results = []
   for i, (variant, variant_cfg) in enumerate(planned):
     finished = os.path.exists(os.path.join(workdir, variant.dirname, "eval.json"))
     print(f"[{i + 1}/{len(planned)}] {variant.name}" + (" (finished: reusing its eval.json)" if finished else ""),
           flush=True)
-    results.append((variant, run_variant(variant_cfg, os.path.join(workdir, variant.dirname))))
+    try:
+      results.append((variant, run_variant(variant_cfg, os.path.join(workdir, variant.dirname))))
+    except workdir_lib.RunError as e:
+      if created:
+        workdir_lib.remove_if_unused(workdir)
+      raise SystemExit(f"varcmp ablate: variant {variant.name!r}: {e}") from None
   write_tables(config, results, workdir)
   return 0

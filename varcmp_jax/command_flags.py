@@ -2,7 +2,12 @@
 
   values = command_flags.parse(argv, "varcmp train")       # validated config, workdir
   config = command_flags.load_config_file("configs/synthetic.py", ["--config.seed=3"])
+
+`--help` prints the usage and exits 0; every problem with the flags or the config file exits with one line
+naming the flag, file or field.
 """
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -19,13 +24,24 @@ def load_config_file(path: str, overrides=()):
   return values.config
 
 
-def unknown_override(argv: list[str]) -> str | None:
+def flag_value(argv: list[str], name: str) -> str | None:
+  """The value of `--name=v` or `--name v` in argv (the last one given), without parsing the rest."""
+  found = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      found = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      found = argv[i + 1]
+  return found
+
+
+def unknown_override(argv: list[str], config=None) -> str | None:
   """A message naming the first `--config.x.y=v` override whose field does not exist, if any."""
-  paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-  paths += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-  if not paths:
-    return None
-  config = load_config_file(paths[0])
+  if config is None:
+    path = flag_value(argv, "config")
+    if path is None:
+      return None
+    config = load_config_file(path)
   for arg in argv:
     if arg.startswith("--config."):
       try:
@@ -36,31 +52,85 @@ def unknown_override(argv: list[str]) -> str | None:
 
 
 USAGE = "usage: {prog} --config configs/<name>.py[:arg] --workdir DIR [--config.x.y=value ...]"
+HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 
 
-def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_extra=None) -> flags.FlagValues:
-  """argv (without the program name) -> a fresh FlagValues with the required --config and --workdir.
+def _help(prog: str, usage: str, values: flags.FlagValues, config_from_workdir: bool) -> str:
+  lines = [usage, "", "flags:"]
+  for name in sorted(values):
+    if name == "config":
+      text = "config file, e.g. configs/synthetic.py or configs/ucfcrime_ar.py:features"
+      text += " (default: WORKDIR/config.json, the run's own config)" if config_from_workdir else " (required)"
+    else:
+      text = values[name].help + (" (required)" if name == "workdir" else "")
+    lines.append(f"  {'--' + name:<16} {text}")
+  lines.append(f"  {'--config.x.y=V':<16} override one config field, e.g. --config.train.batch_size=64 "
+               "--config.data.records=DIR")
+  return "\n".join(lines)
+
+
+def _config_from_workdir(prog: str, workdir: str | None, usage: str):
+  from varcmp_jax import trained  # pylint: disable=g-import-not-at-top
+  if workdir is None:
+    raise SystemExit(f"{prog}: --workdir is required\n{usage}")
+  try:
+    return trained.read_config(workdir)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"{prog}: {e} (or pass --config)") from None
+
+
+def _check_config_file(prog: str, spec: str):
+  path = spec.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise SystemExit(f"{prog}: --config {path}: no such file")
+
+
+def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_extra=None,
+                config_from_workdir: bool = False) -> flags.FlagValues:
+  """argv (without the program name) -> a fresh FlagValues with --config and --workdir.
 
   A fresh FlagValues per call, so train, eval and ablate can run in one process. `define_extra(values)`
-  adds a command's own flags. Bad overrides, missing flags and empty config.data.records exit with a
-  message naming the problem; the config is not validated here.
+  adds a command's own flags. `config_from_workdir`: without --config, the config is WORKDIR/config.json
+  (overrides still apply). Bad overrides, missing flags or files and an empty config.data.records exit with
+  a message naming the problem; the config is not validated here.
   """
   usage = usage or USAGE.format(prog=prog)
-  argv = [prog] + list(argv)
+  argv = list(argv)
   values = flags.FlagValues()
+  spec = flag_value(argv, "config")
+  wanted_help = any(a in HELP_FLAGS for a in argv)
   # sys_argv: config_flags finds the overrides there (default: sys.argv, not the argv parsed below).
-  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/synthetic.py[:arg]",
-                                  flag_values=values, lock_config=True, sys_argv=argv)
-  flags.DEFINE_string("workdir", None, "output directory", flag_values=values)
-  if define_extra is not None:
-    define_extra(values)
+  full_argv = [prog] + argv
+  base = None
+  if spec is None and config_from_workdir and not wanted_help:
+    base = _config_from_workdir(prog, flag_value(argv, "workdir"), usage)
+  elif spec is not None:
+    _check_config_file(prog, spec)
   try:
-    values(argv)
+    if base is not None:    # overrides apply as the flag is defined
+      config_flags.DEFINE_config_dict("config", base, "the run's config", flag_values=values, lock_config=True,
+                                      sys_argv=full_argv)
+    else:
+      config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/synthetic.py[:arg]",
+                                      flag_values=values, lock_config=True, sys_argv=full_argv)
+    flags.DEFINE_string("workdir", None, "the run's directory: config.json, checkpoints/, metrics, eval.json",
+                        flag_values=values)
+    if define_extra is not None:
+      define_extra(values)
+    if not wanted_help:
+      values(full_argv)
   except (AttributeError, KeyError) as e:
     # ml_collections reports an override of an unknown field (--config.x.nope=1) this way.
-    raise SystemExit(f"{prog}: {unknown_override(argv) or e}") from None
+    raise SystemExit(f"{prog}: {unknown_override(argv, base) or e}") from None
   except (flags.Error, TypeError) as e:
     raise SystemExit(f"{prog}: {e}\n{usage}") from None
+  except Exception as e:  # pylint: disable=broad-except  # the config file's own code failed to import / run
+    cause = e.__cause__ or e
+    raise SystemExit(f"{prog}: --config {spec}: cannot load it: {type(cause).__name__}: "
+                     f"{' '.join(str(cause).split())[:300]}") from None
+  if wanted_help:
+    print(_help(prog, usage, values, config_from_workdir))
+    raise SystemExit(0)
   for name in ("config", "workdir"):
     if values[name].value is None:
       raise SystemExit(f"{prog}: --{name} is required\n{usage}")
@@ -73,11 +143,29 @@ def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_ext
   return values
 
 
-def parse(argv: list[str], prog: str, define_extra=None) -> flags.FlagValues:
+def config_source(values: flags.FlagValues) -> str:
+  """The config file given with --config, or WORKDIR/config.json when it was read from the workdir."""
+  return getattr(values["config"], "config_filename", None) or os.path.join(values.workdir, "config.json")
+
+
+def one_line(error: Exception) -> str:
+  """config.validate's "Bad config:\\n  a\\n  b" as "a; b"."""
+  text = str(error)
+  if text.startswith("Bad config:"):
+    text = "; ".join(line.strip() for line in text.splitlines()[1:])
+  return text
+
+
+def parse(argv: list[str], prog: str, define_extra=None, config_from_workdir: bool = False) -> flags.FlagValues:
   """parse_flags, then the config validated before jax starts or data is read."""
-  values = parse_flags(argv, prog, define_extra=define_extra)
-  try:
-    config_lib.validate(values.config)
-  except ValueError as e:
-    raise SystemExit(f"{prog}: {values['config'].config_filename}: {e}") from None
+  values = parse_flags(argv, prog, define_extra=define_extra, config_from_workdir=config_from_workdir)
+  validate(values, prog)
   return values
+
+
+def validate(values: flags.FlagValues, prog: str, num_devices: int | None = None) -> None:
+  """config.validate (against `num_devices` when given: mesh, batch sizes), as a one-line exit."""
+  try:
+    config_lib.validate(values.config, num_devices)
+  except ValueError as e:
+    raise SystemExit(f"{prog}: {config_source(values)}: {one_line(e)}") from None

@@ -47,6 +47,9 @@ def default_config(task: str = "text", regime: str = "frames") -> ml_collections
       train_split="train", eval_split="test",
       snippets=32,                 # T: batches are padded / cropped to this many snippets
       worker_count=0, prefetch=2,
+      # Features regime: "on" places the split's arrays on the devices once and gathers every batch there;
+      # "auto" does so when a device's share fits resident_max_gib; "off" (and the frames regime): Grain.
+      resident="auto", resident_max_gib=8.0,
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -57,6 +60,10 @@ def default_config(task: str = "text", regime: str = "frames") -> ml_collections
       attention_impl="xla",        # "xla" | "cudnn" (fused attention on GPU)
       remat=False,
       region_grid=2,               # patch tokens pooled on a grid x grid layout: R = grid**2
+      # Features regime: width of the stored visual features. 0 = already in the CLIP joint space
+      # (clip.projection_dim: `varcmp extract-features`, CLIP frame-feature releases); else (e.g. 1024 for
+      # I3D RGB) a learned projection LayerNorm -> Dense -> GELU -> Dense into the joint space.
+      video_features=dict(dim=0),
       temporal=dict(num_layers=1, num_heads=8, mlp_ratio=4, max_len=256),
       anomaly_head=dict(hidden=256),
       audio=dict(
@@ -107,8 +114,24 @@ def lookup(config: ml_collections.ConfigDict, key: str):
   return node
 
 
+def video_feature_dim(model_cfg) -> int:
+  """config.model.video_features.dim (0 for configs written before the field existed)."""
+  return int((model_cfg.get("video_features") or {}).get("dim", 0))
+
+
+def stored_video_width(model_cfg) -> int:
+  """The width of the visual features the features regime reads: video_features.dim, else the joint space."""
+  return video_feature_dim(model_cfg) or int(model_cfg["clip"]["projection_dim"])
+
+
+def uses_regions(config) -> bool:
+  """Whether the config needs region tokens r_tk: only the spatial level reads them."""
+  return float(config.loss.levels.get("spatial", 0.0)) != 0.0
+
+
 PRIOR_SOURCES = ("head", "external", "mean")
 AUDIO_KINDS = ("spectrogram", "features")
+RESIDENT = ("auto", "on", "off")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -131,6 +154,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check(config.model[field] in DTYPES, f"model.{field}={config.model[field]!r}: must be one of {DTYPES}")
   check(config.model.attention_impl in ("xla", "cudnn"), f"model.attention_impl={config.model.attention_impl!r}: must be 'xla' or 'cudnn'")
   check(config.model.region_grid >= 1, f"model.region_grid={config.model.region_grid}: must be >= 1")
+  video_dim = video_feature_dim(config.model)
+  check(video_dim >= 0, f"model.video_features.dim={video_dim}: must be >= 0 (0 = CLIP joint-space features)")
+  check(video_dim == 0 or config.regime == "features",
+        f"model.video_features.dim={video_dim}: only the features regime reads stored visual features "
+        f"(regime={config.regime!r}); set it to 0")
 
   beta, tau = config.weighting.beta, config.weighting.tau
   check(0.0 <= beta <= 1.0, f"weighting.beta={beta}: must lie in [0, 1]")
@@ -161,6 +189,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         f"data.snippets={config.data.snippets} exceeds model.temporal.max_len={config.model.temporal.max_len} "
         "(the temporal adapter's learned positions)")
   check(config.eval.batch_size >= 1 and config.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be >= 1")
+  resident = config.data.get("resident", "auto")    # configs written before the field: auto
+  check(resident in RESIDENT, f"data.resident={resident!r}: must be one of {RESIDENT}")
+  check(resident != "on" or config.regime == "features",
+        "data.resident='on' needs regime='features' (frames stay on the Grain pipeline); set it to auto or off")
+  check(config.data.get("resident_max_gib", 8.0) > 0,
+        f"data.resident_max_gib={config.data.get('resident_max_gib')}: must be > 0")
 
   data_axis, fsdp_axis = config.mesh.data, config.mesh.fsdp
   check(fsdp_axis >= 1, f"mesh.fsdp={fsdp_axis}: must be >= 1")

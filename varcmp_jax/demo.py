@@ -1,20 +1,26 @@
-"""`varcmp demo`: synth -> prep -> train -> eval -> a text search, on the embedded default, on a CPU.
+"""`varcmp demo`: synth -> prep -> train -> eval -> search on the embedded default, on a CPU.
 
-  varcmp demo [--workdir varcmp_demo] [--videos 200] [--steps N]
+  varcmp demo [--task text|audio] [--workdir varcmp_demo] [--videos 200] [--steps N]
 
-Every stage resumes: a second call reuses the videos, the records and the trained checkpoints.
+--task text (default) trains text -> video and searches with a caption; --task audio trains audio -> video
+(configs/synthetic.py:audio) and searches with the soundtrack of a test video. Both tasks share the videos;
+each has its own records and run directory. Every stage resumes: a second call reuses the videos, the records
+and the trained checkpoints.
 """
 import argparse
-import json
 import pathlib
+import shlex
 import time
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
+STAGES = 5
 
 
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="varcmp demo", description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", default="varcmp_demo", help="videos/, records/ and run/ go here")
+  p.add_argument("--task", default="text", choices=("text", "audio"),
+                 help="text -> video (captions) or audio -> video (the video's own soundtrack)")
+  p.add_argument("--workdir", default="varcmp_demo", help="videos/, records*/ and run*/ go here")
   p.add_argument("--videos", type=int, default=200, help="synthetic videos (a quarter of them are the test split)")
   p.add_argument("--steps", type=int, default=None, help="train steps (default: configs/synthetic.py)")
   p.add_argument("--seed", type=int, default=0)
@@ -25,43 +31,78 @@ def parse_args(argv):
   return args
 
 
-def search_example(run, records_dir: str, split: str, top_k: int) -> str:
-  """`varcmp search` for the caption of the first anomalous test video; returns its printable table."""
+def stage(number: int, text: str):
+  print(f"[{number}/{STAGES}] {text}", flush=True)
+
+
+def search_example(run, videos: pathlib.Path, records_dir: str, split: str, top_k: int) -> str:
+  """`varcmp search` for the first anomalous test video: its caption (text task) or its soundtrack (audio
+  task) as the query; returns the printable table and the ground truth."""
   from varcmp_jax import search
   from varcmp_jax.data import pipeline
 
   metadata = pipeline.load_split_metadata(records_dir, split)
   target = next((i for i, m in enumerate(metadata) if m["label"] == 1), 0)
-  caption = metadata[target]["caption"]
   gallery = search.load_gallery(run, records_dir, split)
-  hits = search.search(run, gallery, search.encode_text(run, [caption]), top_k)
+  if run.config.task == "text":
+    label = metadata[target]["caption"]
+    query = search.encode_text(run, [label])
+  else:
+    path = videos / metadata[target]["video"]
+    label = f"audio of {path.name}"
+    query = search.encode_audio_file(run, str(path))
+  hits = search.search(run, gallery, query, top_k)
   event = metadata[target]["event"]
-  return (search.format_table(hits, caption) +
+  return (search.format_table(hits, label) +
           f"\nground truth: {metadata[target]['video']}, event {event[0]:.1f}-{event[1]:.1f} s")
+
+
+def next_steps(task: str, root: pathlib.Path, records: pathlib.Path, run: pathlib.Path, videos: pathlib.Path,
+               example_video: str) -> list[str]:
+  """The commands to try next, as printed at the end of the demo."""
+  q = lambda p: shlex.quote(str(p))
+  if task == "text":
+    query = "--text 'a red circle grows in the top left corner' --plot hits.png"
+  else:
+    query = f"--audio {q(videos / example_video)}"
+  lines = [f"varcmp search --workdir {q(run)} --gallery {q(records)} {query}",
+           f"varcmp search --workdir {q(run)} --gallery {q(records)} --localization",
+           f"varcmp eval --workdir {q(run)}",
+           f"varcmp export --workdir {q(run)} --out {q(root / ('export' if task == 'text' else 'export_audio'))}",
+           f"tensorboard --logdir {q(run / 'tensorboard')}"]
+  other = "audio" if task == "text" else "text"
+  lines.append(f"varcmp demo --task {other} --workdir {q(root)}      # the {other} -> video half")
+  index = root / ("index" if task == "text" else "index_audio")
+  lines += [f"varcmp index --workdir {q(run)} --records {q(records)} --out {q(index)}",
+            f"varcmp serve --index {q(index)} --videos {q(videos)}      # the search page: http://127.0.0.1:8000"]
+  return lines
 
 
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
   root = pathlib.Path(args.workdir).resolve()
-  videos, records_dir, run = root / "videos", root / "records", root / "run"
+  suffix = "" if args.task == "text" else "_audio"
+  videos, records_dir, run = root / "videos", root / f"records{suffix}", root / f"run{suffix}"
   timings = {}
   start = time.time()
 
   from data_prep import prep, synth
   if not (videos / "captions.csv").exists():
     t = time.time()
-    print(f"[1/4] synth: {args.videos} videos -> {videos}", flush=True)
+    stage(1, f"synth: {args.videos} videos -> {videos}")
     if synth.main(["--out", str(videos), "--videos", str(args.videos), "--seed", str(args.seed)]):
       return 1
     timings["synth"] = time.time() - t
   t = time.time()
-  print(f"[2/4] prep: -> {records_dir}", flush=True)
+  stage(2, f"prep ({args.task} task): -> {records_dir}")
   from varcmp_jax import command_flags
-  from varcmp_jax.train import main as train_main_lib
-  config = command_flags.load_config_file(str(CONFIG))
-  size = config.model.clip.vision.image_size
+  config_file = f"{CONFIG}:{args.task}"
+  config = command_flags.load_config_file(config_file)
+  audio = config.model.audio
   if prep.main(["--dataset", "folder", "--videos", str(videos), "--captions", str(videos / "captions.csv"),
-                "--out", str(records_dir), "--snippets", str(config.data.snippets), "--image-size", str(size)]):
+                "--out", str(records_dir), "--task", args.task, "--snippets", str(config.data.snippets),
+                "--image-size", str(config.model.clip.vision.image_size), "--mel-bins", str(audio.mel_bins),
+                "--mel-frames", str(audio.mel_frames)]):
     return 1
   timings["prep"] = time.time() - t
 
@@ -70,29 +111,34 @@ def main(argv: list[str]) -> int:
     # The warmup keeps its share of the default schedule (it may not exceed the steps).
     warmup = config.train.warmup_steps * args.steps // config.train.num_steps
     overrides += [f"--config.train.num_steps={args.steps}", f"--config.train.warmup_steps={warmup}"]
-  common = ["--config", str(CONFIG), "--workdir", str(run), *overrides]
   t = time.time()
-  print(f"[3/4] train: -> {run}", flush=True)
-  train_main_lib.train_main(common)
+  stage(3, f"train: -> {run}")
+  from varcmp_jax.train import main as train_main_lib
+  train_main_lib.train_main(["--config", config_file, "--workdir", str(run), *overrides])
   timings["train"] = time.time() - t
 
   t = time.time()
-  print("[4/4] eval", flush=True)
-  from varcmp_jax import metrics
+  stage(4, "eval")
+  from varcmp_jax import evaluate, metrics, trained
   from varcmp_jax.data import pipeline
-  from varcmp_jax import evaluate, trained
-  config = command_flags.load_config_file(str(CONFIG), overrides)
+  config = command_flags.load_config_file(config_file, overrides)
   run_state = trained.restore(config, str(run))
-  result = evaluate.evaluate_params(run_state.trainer, run_state.params)
-  with open(run / "eval.json", "w") as f:
-    json.dump(result, f, indent=2)
+  result = evaluate.evaluate_run(run_state, show=False)
   timings["eval"] = time.time() - t
+
+  stage(5, "search")
+  split = config.data.eval_split
   print()
-  print(search_example(run_state, str(records_dir), config.data.eval_split, args.top_k))
-  gallery = pipeline.split_size(str(records_dir), config.data.eval_split)
+  print(search_example(run_state, videos, str(records_dir), split, args.top_k))
+  gallery = pipeline.split_size(str(records_dir), split)
+  forward = next(iter(metrics.directions(result)))
+  chance = 100 / gallery
   print()
-  print(f"eval on the synthetic test split ({gallery} videos, chance R@1 = {100 / gallery:.1f}%), step {run_state.step}:")
+  print(f"eval on the synthetic {split} split ({gallery} videos, chance R@1 = {chance:.1f}%), step {result['step']}:")
   print(metrics.format_table(result))
+  print(f"{forward} R@1 = {result[forward]['R1']:.1f}%, {result[forward]['R1'] / chance:.1f} times chance")
   print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {time.time() - start:.0f}s")
   print(f"workdir: {root} (eval.json, metrics.jsonl, tensorboard/ under {run})")
+  example = pipeline.load_split_metadata(str(records_dir), split)[0]["video"]
+  print("\nnext:\n" + "\n".join(f"  {line}" for line in next_steps(args.task, root, records_dir, run, videos, example)))
   return 0

@@ -68,23 +68,40 @@ def export(config, params, out_dir: str, step: int | None = None) -> str:
   return out_dir
 
 
+def out_dir_problem(out: str, workdir: str) -> str | None:
+  """Why `out` may not receive an export of `workdir`, or None: export never writes into a run's workdir
+  (OUT/config.json would replace the run's own), this one or another."""
+  out, workdir = os.path.realpath(out), os.path.realpath(workdir)
+  if os.path.commonpath([out, workdir]) == workdir:
+    return f"is {'the' if out == workdir else 'inside the'} workdir {workdir}; export to a directory outside it"
+  if os.path.isdir(os.path.join(out, "checkpoints")):
+    return "is a `varcmp train` workdir (it has checkpoints/); export to another directory"
+  return None
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="varcmp export", description=__doc__.split("\n")[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="a `varcmp train` workdir")
   source.add_argument("--params", help="towers only: a `varcmp import-clip` output (or HF) directory")
   parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest that restores)")
   args = parser.parse_args(argv)
   if args.params:
     from varcmp_jax.clip import cli as clip_cli  # pylint: disable=g-import-not-at-top
     return clip_cli.export_main(["--params", args.params, "--out", args.out])
+  problem = out_dir_problem(args.out, args.workdir)
+  if problem:
+    raise SystemExit(f"varcmp export: --out {args.out}: {problem}")
   from varcmp_jax import trained  # pylint: disable=g-import-not-at-top
   try:
     run = trained.load(args.workdir, args.step)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"varcmp export: {e}") from None
-  export(run.config, run.params, args.out, run.step)
+  try:
+    export(run.config, run.params, args.out, run.step)
+  except OSError as e:
+    raise SystemExit(f"varcmp export: cannot write {e.filename or args.out}: {e.strerror or e}") from None
   sizes = {name: os.path.getsize(os.path.join(args.out, name)) for name in ("varcmp_heads.safetensors", "config.json")}
   clip_dir = os.path.join(args.out, "clip")
   clip_bytes = sum(os.path.getsize(os.path.join(clip_dir, f)) for f in os.listdir(clip_dir))

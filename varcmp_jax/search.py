@@ -1,15 +1,24 @@
-"""`varcmp search`: rank a gallery for a text or audio query, with each hit's key segments in seconds.
+"""`varcmp search`: rank a gallery or an on-disk index for a text or audio query, with key segments in seconds.
 
   varcmp search --workdir runs/demo --gallery data/records --text "a red car speeds across the lot"
-  varcmp search --workdir runs/xd --gallery data/xd_records --audio clip.mp4 --top-k 5 --json
+  varcmp search --workdir runs/xd --gallery data/xd_records --audio clip.wav --top-k 5 --json
   varcmp search --workdir runs/demo --gallery data/records --text "..." --plot hits.png
   varcmp search --workdir runs/demo --gallery data/records --localization     # hit rate over the split
+  varcmp search --index runs/demo/index --text "..." [--candidates 1000 | all]  # archive scale (varcmp index)
 
-Videos are ranked by the combined score S = sum_g lambda_g S_g. Key segments come from the per-snippet
-anomaly-biased contributions w_t cos(f_t, q) (SPEC section 2, localization): snippets whose contribution
-reaches `--threshold` of the way from the video's median contribution to its largest one, merged when
-adjacent, reported with the records' snippet "times". The gallery embeddings are computed once per (workdir, checkpoint step, config, records)
-and cached in RECORDS/.varcmp_cache/, so a later query costs one query-tower call and the similarities.
+Videos are ranked by the combined score S = sum_g lambda_g S_g; each hit carries its key segments
+(varcmp_jax.hits). `--gallery` holds the split's embeddings in memory, computed once per (workdir, checkpoint
+step, config, records) and cached in RECORDS/.varcmp_cache/, so a later query costs one query-tower call and
+the similarities: for galleries that fit in memory. `--index` searches an index built by `varcmp index`
+(varcmp_jax.index.search: exact levels linear in the video over every video, the others for the K best); the
+index knows its run, so --workdir is only needed when the run has moved. `--audio` takes the audio track of
+any file PyAV opens (wav, flac, mp3, m4a, or a video).
+
+Python (for a server: load the model and open the index once, then answer many queries):
+  index = varcmp_jax.index.search.Index("runs/demo/index")
+  encoder = QueryEncoder.for_index(index)                       # the index's run; towers jitted once
+  hits = index.search(encoder.text("a red car"), top_k=10, candidates=1000)   # --json's "hits"
+  body = index_output(index, encoder.audio_file("clip.wav"), top_k=10)          # --json, but "query"
 """
 import argparse
 import copy
@@ -20,17 +29,19 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 
+from varcmp_jax import evaluate
+from varcmp_jax import hits as hits_lib
 from varcmp_jax.alignment import similarity, weighting
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
 from varcmp_jax.data import pipeline
-from varcmp_jax import evaluate
+from varcmp_jax.hits import interval_iou, key_segments
 
 CACHE_DIR = ".varcmp_cache"
 VIDEO_FIELDS = ("frames", "regions", "mask", "anomaly", "external_prior")
-# A relevance curve needs a peak this many times its median to have key segments (see key_segments).
-MIN_PEAK_OVER_MEDIAN = 1.5
+DEFAULT_CANDIDATES = 1000
 
 
 @dataclasses.dataclass
@@ -65,17 +76,7 @@ def cache_key(run, records: str, split: str) -> str:
 
 def slot_times(metadata: list[dict], snippets: int) -> np.ndarray:
   """(G, T, 2) seconds of the record snippet behind each batch slot (the pipeline pads or subsamples)."""
-  out = np.zeros((len(metadata), snippets, 2), np.float32)
-  for g, meta in enumerate(metadata):
-    picked = pipeline.snippet_indices(len(meta["times"]), snippets)
-    out[g, :len(picked)] = meta["times"][picked]
-  return out
-
-
-def _encoder(run, method: str):
-  model = run.model
-  inputs = lambda batch: {k: v for k, v in batch.items() if k not in ("index", "valid")}
-  return jax.jit(lambda params, batch: model.apply({"params": params}, inputs(batch), method=getattr(model, method)))
+  return np.stack([hits_lib.slot_times(meta["times"], snippets) for meta in metadata]).reshape(-1, snippets, 2)
 
 
 def load_gallery(run, records: str, split: str, use_cache: bool = True) -> Gallery:
@@ -105,32 +106,66 @@ def load_gallery(run, records: str, split: str, use_cache: bool = True) -> Galle
 # --- queries -------------------------------------------------------------------------------------------
 
 
+class QueryEncoder:
+  """A trained run's query tower, jitted once: many queries cost one tower call each.
+
+  text(...) -> TextEmbeddings for a text-task run; audio_file(path) -> AudioEmbeddings for an audio-task run
+  with the spectrogram tower. Errors (blank text, the wrong kind of query, an undecodable file) are ValueErrors
+  with a one-line message.
+  """
+
+  def __init__(self, run):
+    self.run, self.config = run, run.config
+    model = run.model
+    self._encode = jax.jit(lambda params, batch: model.apply({"params": params}, batch, method=model.encode_query))
+
+  @classmethod
+  def for_index(cls, index, workdir: str | None = None) -> "QueryEncoder":
+    """The run an index was built from (its config and checkpoint step, from the manifest); `workdir`
+    overrides where the run lives when it has moved."""
+    from varcmp_jax import trained  # pylint: disable=g-import-not-at-top
+    manifest = index.manifest
+    if not manifest.get("run") or not manifest.get("config"):
+      raise ValueError(f"{index.path}: the index records no trained run (it was written without a model), so "
+                       "queries cannot be embedded for it")
+    config = ml_collections.ConfigDict(manifest["config"])
+    return cls(trained.restore(config, workdir or manifest["run"]["workdir"], manifest["run"]["step"]))
+
+  def text(self, texts: str | list[str]) -> TextEmbeddings:
+    from varcmp_jax import clip  # pylint: disable=g-import-not-at-top
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if self.config.task != "text":
+      raise ValueError(f"{self.run.workdir} is a {self.config.task!r} model: query it with --audio, not --text")
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+      raise ValueError("the text query is empty: give the words to search for")
+    return jax.device_get(self._encode(self.run.params, {"tokens": clip.tokenizer()(texts)}))
+
+  def audio_file(self, path: str) -> AudioEmbeddings:
+    """The audio track of `path` (data_prep.decode.decode_audio) on the model's snippet grid, through the audio tower."""
+    from data_prep import decode  # pylint: disable=g-import-not-at-top
+    config = self.config
+    if config.task != "audio":
+      raise ValueError(f"{self.run.workdir} is a {config.task!r} model: query it with --text, not --audio")
+    audio = config.model.audio
+    if audio.kind != "spectrogram":
+      raise ValueError(f"{self.run.workdir}: the audio tower reads pre-extracted features (model.audio.kind="
+                       f"{audio.kind!r}), so it cannot embed the raw audio of {path}")
+    options = decode.DecodeOptions(snippets=config.data.snippets, audio="required", mel_bins=audio.mel_bins,
+                                   mel_frames=audio.mel_frames)
+    try:
+      decoded = decode.decode_audio(path, options)
+    except decode.DecodeError as e:
+      raise ValueError(str(e)) from None
+    batch = {"mel": decoded["mel"][None].astype(np.float32), "mask": np.ones((1, config.data.snippets), bool)}
+    return jax.device_get(self._encode(self.run.params, batch))
+
+
 def encode_text(run, texts: list[str]) -> TextEmbeddings:
-  from varcmp_jax import clip  # pylint: disable=g-import-not-at-top
-  if run.config.task != "text":
-    raise ValueError(f"{run.workdir} is a {run.config.task!r} model: query it with --audio, not --text")
-  tokens = clip.tokenizer()(texts)
-  return jax.device_get(_encoder(run, "encode_query")(run.params, {"tokens": tokens}))
+  return QueryEncoder(run).text(texts)
 
 
 def encode_audio_file(run, path: str) -> AudioEmbeddings:
-  """The audio track of `path`, decoded on the model's snippet grid (data_prep.decode), through the audio tower."""
-  from data_prep import decode  # pylint: disable=g-import-not-at-top
-  config = run.config
-  if config.task != "audio":
-    raise ValueError(f"{run.workdir} is a {config.task!r} model: query it with --text, not --audio")
-  audio = config.model.audio
-  if audio.kind != "spectrogram":
-    raise ValueError(f"{run.workdir}: the audio tower reads pre-extracted features (model.audio.kind="
-                     f"{audio.kind!r}), so it cannot embed the raw audio of {path}")
-  options = decode.DecodeOptions(snippets=config.data.snippets, image_size=config.model.clip.vision.image_size,
-                                 audio="required", mel_bins=audio.mel_bins, mel_frames=audio.mel_frames)
-  try:
-    decoded = decode.decode(path, options)
-  except decode.DecodeError as e:
-    raise ValueError(str(e)) from None
-  batch = {"mel": decoded["mel"][None].astype(np.float32), "mask": np.ones((1, config.data.snippets), bool)}
-  return jax.device_get(_encoder(run, "encode_query")(run.params, batch))
+  return QueryEncoder(run).audio_file(path)
 
 
 # --- scoring and key segments --------------------------------------------------------------------------
@@ -150,38 +185,6 @@ def pair_relevance(video: VideoEmbeddings, weights: np.ndarray, query, query_row
                                                  take(query, query_rows)))
 
 
-def key_segments(relevance: np.ndarray, mask: np.ndarray, times: np.ndarray, threshold: float) -> list[dict]:
-  """Runs of adjacent valid snippets whose relevance stands out, as seconds, strongest first.
-
-  A snippet is key when its relevance reaches `threshold` of the way from the video's median to its
-  maximum: rel >= median + threshold * (max - median), with max > 0. Measured from the median, not from
-  zero, because w_t cos(f_t, q) has a floor ((1 - beta) / T times the background similarity) that would
-  otherwise make a whole video "key". A curve whose peak is under MIN_PEAK_OVER_MEDIAN times its median is
-  flat (the weights found no anomaly, as in a normal video): it has no key segment rather than noise ones.
-  relevance, mask: (T,); times: (T, 2).
-  """
-  valid = relevance[mask]
-  if not valid.size or not valid.max() > 0:
-    return []
-  top, floor = valid.max(), np.median(valid)
-  if top < MIN_PEAK_OVER_MEDIAN * floor:
-    return []
-  key = mask & (relevance >= floor + threshold * (top - floor))
-  segments, t = [], 0
-  while t < len(key):
-    if not key[t]:
-      t += 1
-      continue
-    end = t
-    while end + 1 < len(key) and key[end + 1]:
-      end += 1
-    peak = int(t + np.argmax(relevance[t:end + 1]))
-    segments.append({"start": float(times[t, 0]), "end": float(times[end, 1]), "peak": float(relevance[peak]),
-                     "peak_snippet": peak})
-    t = end + 1
-  return sorted(segments, key=lambda s: -s["peak"])
-
-
 def search(run, gallery: Gallery, query, top_k: int = 5, threshold: float = 0.5) -> list[dict]:
   """The top_k hits of one query (row 0 of `query`), each with its levels, key segments and per-snippet curves."""
   levels, weights = score(run.config, gallery.video, query)
@@ -189,24 +192,10 @@ def search(run, gallery: Gallery, query, top_k: int = 5, threshold: float = 0.5)
   order = np.argsort(-combined, kind="stable")[:top_k]
   relevance = pair_relevance(gallery.video, weights, query, np.zeros(len(order), int), order)
   prior = np.asarray(weighting.prior(gallery.video, run.config.prior))
-  hits = []
-  for rank, (g, rel) in enumerate(zip(order, relevance), start=1):
-    meta, mask = gallery.metadata[g], np.asarray(gallery.video.mask[g])
-    hits.append({
-        "rank": rank, "index": int(g), "video": meta["video"], "score": float(combined[g]),
-        "levels": {name: float(value[0, g]) for name, value in levels.items() if name != "combined"},
-        "segments": key_segments(rel, mask, gallery.slot_times[g], threshold),
-        "caption": meta["caption"], "label": meta["label"], "duration": meta["duration"],
-        "event": [float(x) for x in meta["event"]] if meta["event"][0] >= 0 else None,
-        "snippet_times": gallery.slot_times[g][mask].tolist(),
-        "relevance": rel[mask].tolist(), "prior": prior[g][mask].tolist()})
-  return hits
-
-
-def interval_iou(a, b) -> float:
-  inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-  union = (a[1] - a[0]) + (b[1] - b[0]) - inter
-  return inter / union if union > 0 else 0.0
+  return [hits_lib.hit(rank, g, combined[g], {name: value[0, g] for name, value in levels.items() if name != "combined"},
+                       rel, prior[g], np.asarray(gallery.video.mask[g]), gallery.slot_times[g], gallery.metadata[g],
+                       threshold)
+          for rank, (g, rel) in enumerate(zip(order, relevance), start=1)]
 
 
 def localization_hit_rate(run, gallery: Gallery, records: str, split: str, iou: float = 0.3,
@@ -227,26 +216,44 @@ def localization_hit_rate(run, gallery: Gallery, records: str, split: str, iou: 
                 if segments else 0.0)
   ious = np.asarray(ious, np.float64)
   retrieved = correct[rows]
-  rate = lambda x: float(np.mean(x > iou)) if len(x) else float("nan")
+  rate = lambda x: float(np.mean(x > iou)) if len(x) else None    # None: nothing to localize
   return {"queries": int(len(own)), "top1_correct": int(correct.sum()), "iou_threshold": iou,
           "evaluated": int(retrieved.sum()), "hits": int(np.sum(ious[retrieved] > iou)),
           "hit_rate": rate(ious[retrieved]),
-          "mean_iou": float(ious[retrieved].mean()) if retrieved.any() else float("nan"),
+          "mean_iou": float(ious[retrieved].mean()) if retrieved.any() else None,
           "all_events": int(len(rows)), "hits_all_events": int(np.sum(ious > iou)),
           "hit_rate_all_events": rate(ious)}
+
+
+def format_localization(result: dict, records: str, split: str) -> str:
+  head = f"localization on {records} ({split} split, key segment vs event, IoU > {result['iou_threshold']}):"
+  if not result["all_events"]:
+    return (f"{head}\n  no video of the split has an event interval (records field 'event'), so there is "
+            f"nothing to localize; top-1 correct for {result['top1_correct']}/{result['queries']} queries")
+  if result["evaluated"]:
+    top1 = (f"{result['hits']}/{result['evaluated']} hit ({100 * result['hit_rate']:.1f}%, "
+            f"mean IoU {result['mean_iou']:.2f})")
+  else:
+    top1 = "none of them is a video with an event"
+  return (f"{head}\n  top-1 correct queries: {top1}; top-1 correct for {result['top1_correct']}/"
+          f"{result['queries']} queries\n  every video with an event, own query: {result['hits_all_events']}/"
+          f"{result['all_events']} hit ({100 * result['hit_rate_all_events']:.1f}%)")
 
 
 # --- output --------------------------------------------------------------------------------------------
 
 
 def format_table(hits: list[dict], query: str) -> str:
-  lines = [f"query: {query}", f"{'rank':>4}  {'score':>7}  {'video':<28} {'key segments (s)':<28} caption"]
+  """rank, score, video, key segments, caption; the video column is as wide as the longest name shown
+  (XD-Violence ids run to 60 characters and more)."""
+  width = max([28] + [len(hit["video"]) for hit in hits])
+  lines = [f"query: {query}", f"{'rank':>4}  {'score':>7}  {'video':<{width}} {'key segments (s)':<28} caption"]
   for hit in hits:
     shown = [f"{s['start']:.1f}-{s['end']:.1f}" for s in hit["segments"][:2]]
     more = len(hit["segments"]) - len(shown)
     segments = ", ".join(shown) + (f" (+{more})" if more else "") or "-"
     caption = hit["caption"] if len(hit["caption"]) <= 60 else hit["caption"][:57] + "..."
-    lines.append(f"{hit['rank']:>4}  {hit['score']:>7.3f}  {hit['video']:<28} {segments:<28} {caption}")
+    lines.append(f"{hit['rank']:>4}  {hit['score']:>7.3f}  {hit['video']:<{width}} {segments:<28} {caption}")
   return "\n".join(lines)
 
 
@@ -282,51 +289,86 @@ def plot(hits: list[dict], query: str, path: str, max_hits: int = 5):
   plt.close(fig)
 
 
+def _check_plot_path(path: str) -> str | None:
+  """Why `path` cannot take the plot, or None; checked before any search runs."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    return f"--plot {path}: folder {folder} does not exist"
+  if not os.access(folder, os.W_OK):
+    return f"--plot {path}: folder {folder} is not writable"
+  if os.path.isdir(path):
+    return f"--plot {path}: is a folder; give a file name such as {os.path.join(path, 'hits.png')}"
+  extension = os.path.splitext(path)[1].lower().lstrip(".")
+  if extension not in ("", "png", "pdf", "svg", "jpg", "jpeg"):
+    return f"--plot {path}: unknown image type .{extension} (png, pdf, svg, jpg)"
+  return None
+
+
+def _candidates(value: str) -> int | None:
+  if value == "all":
+    return None
+  try:
+    number = int(value)
+  except ValueError:
+    number = 0
+  if number < 1:
+    raise argparse.ArgumentTypeError(f"{value!r}: a number of videos >= 1, or 'all'")
+  return number
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="varcmp search", description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a `varcmp train` workdir")
-  parser.add_argument("--gallery", required=True, help="records directory (`varcmp prep` output)")
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument("--gallery", help="records directory (`varcmp prep` output), embedded in memory")
+  where.add_argument("--index", help="an index directory (`varcmp index` output), for archive-size galleries")
+  parser.add_argument("--workdir", help="the `varcmp train` workdir (--gallery); with --index, where the index's "
+                                        "run lives when it has moved")
   what = parser.add_mutually_exclusive_group(required=True)
   what.add_argument("--text", help="text query (text task)")
-  what.add_argument("--audio", help="a file whose audio track is the query (audio task)")
+  what.add_argument("--audio", help="a file whose audio track is the query (audio task): wav, flac, mp3, m4a, "
+                                    "or a video")
   what.add_argument("--localization", action="store_true",
-                    help="each record's own query over the split: localization hit rate (IoU > --iou)")
+                    help="--gallery: each record's own query over the split, localization hit rate (IoU > --iou)")
   parser.add_argument("--split", default=None, help="gallery split (default: config.data.eval_split)")
   parser.add_argument("--top-k", type=int, default=5)
+  parser.add_argument("--candidates", type=_candidates, default=DEFAULT_CANDIDATES,
+                      help="--index: videos stage 1 passes to stage 2 (default %(default)s), or 'all' for the "
+                           "exhaustive search")
   parser.add_argument("--threshold", type=float, default=0.5,
                       help="key snippets: relevance >= median + threshold x (max - median) of the video")
   parser.add_argument("--iou", type=float, default=0.3, help="--localization: IoU for a hit")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--step", type=int, default=None, help="--gallery: checkpoint step (default: the latest)")
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
   parser.add_argument("--plot", default=None, help="write a PNG of the top hits' relevance and prior")
   parser.add_argument("--no-cache", action="store_true", help="neither read nor write the gallery cache")
   args = parser.parse_args(argv)
   if args.top_k < 1 or not 0 <= args.threshold <= 1:
     parser.error("--top-k must be >= 1 and --threshold in [0, 1]")
-
-  from varcmp_jax import trained  # pylint: disable=g-import-not-at-top
-  try:
-    run = trained.load(args.workdir, args.step)
-    split = args.split or run.config.data.eval_split
-    gallery = load_gallery(run, args.gallery, split, use_cache=not args.no_cache)
-    if args.localization:
-      result = localization_hit_rate(run, gallery, args.gallery, split, args.iou, args.threshold)
-      print(json.dumps(result, indent=2) if args.json else
-            f"localization on {args.gallery} ({split} split, key segment vs event, IoU > {args.iou}):\n"
-            f"  top-1 correct queries: {result['hits']}/{result['evaluated']} hit "
-            f"({100 * result['hit_rate']:.1f}%, mean IoU {result['mean_iou']:.2f}); top-1 correct for "
-            f"{result['top1_correct']}/{result['queries']} queries\n"
-            f"  every video with an event, own query: {result['hits_all_events']}/{result['all_events']} hit "
-            f"({100 * result['hit_rate_all_events']:.1f}%)")
-      return 0
-    query = encode_text(run, [args.text]) if args.text is not None else encode_audio_file(run, args.audio)
-  except (FileNotFoundError, KeyError, ValueError) as e:
-    raise SystemExit(f"varcmp search: {e}") from None
-  hits = search(run, gallery, query, args.top_k, args.threshold)
+  if args.gallery is not None and not args.workdir:
+    parser.error("--gallery needs --workdir (the run that embeds it)")
+  if args.index is not None and (args.localization or args.step is not None or args.split or args.no_cache):
+    parser.error("--index searches what the index holds: --localization, --step, --split and --no-cache are "
+                 "--gallery options")
+  if args.text is not None and not args.text.strip():
+    parser.error("--text is empty: give the words to search for")
+  if args.audio is not None and not os.path.isfile(args.audio):
+    parser.error(f"--audio {args.audio}: file not found")
+  if args.plot and _check_plot_path(args.plot):
+    parser.error(_check_plot_path(args.plot))
   label = args.text if args.text is not None else f"audio of {args.audio}"
+
+  try:
+    if args.index is not None:
+      output = _search_index(args)
+    else:
+      output = _search_gallery(args)
+  except (FileNotFoundError, KeyError, ValueError) as e:   # StoreError and DecodeError-derived messages too
+    raise SystemExit(f"varcmp search: {e}") from None
+  if args.localization:
+    return 0
+  hits = output["hits"]
   if args.json:
-    print(json.dumps({"query": label, "split": split, "step": run.step, "gallery_cache": gallery.cache_path,
-                      "hits": hits}, indent=2))
+    print(json.dumps({"query": label, **output}, indent=2))
   else:
     print(format_table(hits, label))
   if args.plot:
@@ -334,3 +376,41 @@ def main(argv: list[str]) -> int:
     if not args.json:
       print(f"plot: {args.plot}")
   return 0
+
+
+def _encode(encoder: QueryEncoder, args):
+  return encoder.text(args.text) if args.text is not None else encoder.audio_file(args.audio)
+
+
+def _search_gallery(args) -> dict:
+  from varcmp_jax import trained  # pylint: disable=g-import-not-at-top
+  run = trained.load(args.workdir, args.step)
+  split = args.split or run.config.data.eval_split
+  gallery = load_gallery(run, args.gallery, split, use_cache=not args.no_cache)
+  if args.localization:
+    result = localization_hit_rate(run, gallery, args.gallery, split, args.iou, args.threshold)
+    print(json.dumps(result, indent=2) if args.json else format_localization(result, args.gallery, split))
+    return {}
+  query = _encode(QueryEncoder(run), args)
+  return {"split": split, "step": run.step, "gallery_cache": gallery.cache_path,
+          "hits": search(run, gallery, query, args.top_k, args.threshold)}
+
+
+def index_output(index, query, top_k: int = 5, candidates: int | None = DEFAULT_CANDIDATES,
+                 threshold: float = 0.5) -> dict:
+  """What `varcmp search --index ... --json` prints, but the "query" label: split, step, index, candidates, hits.
+
+  index: varcmp_jax.index.search.Index; query: the QueryEncoder's embeddings. The web page answers the same.
+  """
+  splits = sorted({source["split"] for source in index.manifest["sources"]})
+  run = index.manifest.get("run") or {}
+  return {"split": ",".join(splits), "step": run.get("step"), "index": index.path,
+          "candidates": "all" if candidates is None else candidates,
+          "hits": index.search(query, top_k, candidates, threshold)}
+
+
+def _search_index(args) -> dict:
+  from varcmp_jax.index import search as index_search  # pylint: disable=g-import-not-at-top
+  index = index_search.Index(args.index)
+  query = _encode(QueryEncoder.for_index(index, args.workdir), args)
+  return index_output(index, query, args.top_k, args.candidates, args.threshold)

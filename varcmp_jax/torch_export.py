@@ -1,7 +1,8 @@
 """VarCMP scoring in PyTorch, rebuilt from a `varcmp export` directory (safetensors only, no pickle).
 
   model = VarCMPTorch.from_pretrained("OUT")            # OUT/clip (HF CLIPModel), varcmp_heads.safetensors
-  video = model.encode_video({"features": ..., "regions": ..., "mask": ...})   # or {"frames": uint8, "mask"}
+  video = model.encode_video({"features": ..., "regions": ..., "mask": ...})   # or {"frames": uint8, "mask"};
+                                                        # released features: no "regions" (no spatial level)
   query = model.encode_query({"tokens": ids})           # or {"mel": ..., "mask": ...} / {"audio_features": ...}
   levels = model.similarities(video, query)              # {level: (Q, G), "combined": (Q, G)}
 
@@ -175,15 +176,27 @@ class SpectrogramTower(nn.Module):
     return self.temporal(u, mask)
 
 
-class FeatureTower(nn.Module):
-  def __init__(self, feature_dim, projection_dim, temporal):
+class FeatureProjection(nn.Module):
+  """Pre-extracted features of any width -> the joint space: LayerNorm -> Linear -> GELU -> Linear."""
+
+  def __init__(self, feature_dim, projection_dim):
     super().__init__()
     self.norm = nn.LayerNorm(feature_dim, eps=FLAX_LAYER_NORM_EPS)
     self.fc1, self.fc2 = nn.Linear(feature_dim, projection_dim), nn.Linear(projection_dim, projection_dim)
+
+  def forward(self, features):
+    return self.fc2(_gelu(self.fc1(self.norm(features))))
+
+
+class FeatureTower(FeatureProjection):
+  """The audio `features` tower: the projection, then its temporal adapter."""
+
+  def __init__(self, feature_dim, projection_dim, temporal):
+    super().__init__(feature_dim, projection_dim)
     self.temporal = TemporalAdapter(projection_dim, **temporal)
 
   def forward(self, features, mask):
-    return self.temporal(self.fc2(_gelu(self.fc1(self.norm(features)))), mask)
+    return self.temporal(super().forward(features), mask)
 
 
 # --- alignment (SPEC section 2) --------------------------------------------------------------------------
@@ -220,6 +233,9 @@ class VarCMPTorch(nn.Module):
     temporal = dict(num_layers=m["temporal"]["num_layers"], num_heads=m["temporal"]["num_heads"],
                     mlp_ratio=m["temporal"]["mlp_ratio"], max_len=m["temporal"]["max_len"])
     self.clip = clip
+    video_dim = int((m.get("video_features") or {}).get("dim", 0))   # 0 in exports from before the field
+    if self.regime == "features" and video_dim:
+      self.video_projection = FeatureProjection(video_dim, width)
     self.temporal = TemporalAdapter(width, **temporal)
     self.anomaly_head = AnomalyHead(width, m["anomaly_head"]["hidden"])
     if self.task == "audio":
@@ -273,11 +289,15 @@ class VarCMPTorch(nn.Module):
     mask = torch.as_tensor(batch["mask"]).bool()
     if self.regime == "frames":
       g, r = self.image_features(torch.as_tensor(batch["frames"]))
-    else:
-      g, r = torch.as_tensor(batch["features"]).float(), torch.as_tensor(batch["regions"]).float()
-    f = self.temporal(g, mask)
+    else:   # released features have no regions: then neither has the video (and there is no spatial level)
+      g = torch.as_tensor(batch["features"]).float()
+      r = None if batch.get("regions") is None else torch.as_tensor(batch["regions"]).float()
+      if hasattr(self, "video_projection"):
+        g = self.video_projection(g)
+        r = None if r is None else self.video_projection(r)
+    f = self.temporal(torch.where(mask[..., None], g, torch.zeros(())), mask)
     zero = torch.zeros(())
-    video = dict(frames=f, regions=torch.where(mask[..., None, None], r, zero), mask=mask,
+    video = dict(frames=f, regions=None if r is None else torch.where(mask[..., None, None], r, zero), mask=mask,
                  anomaly=torch.where(mask, self.anomaly_head(f), zero), external_prior=None)
     if batch.get("prior") is not None:
       video["external_prior"] = torch.where(mask, torch.as_tensor(batch["prior"]).float(), zero)
@@ -320,36 +340,46 @@ class VarCMPTorch(nn.Module):
     return {level: torch.clamp(s, max=top) for level, s in self.logit_scales.items()}
 
   def similarities(self, video, query) -> dict:
-    """{level: (Q, G)} for every level of the task, plus "combined" = sum_g lambda_g S_g."""
+    """{level: (Q, G)} for every level of the task the videos allow (no spatial level without region tokens),
+    plus "combined" = sum_g lambda_g S_g."""
     w = self.weights(video)
     frames = _normalize(video["frames"], video["mask"])                                    # (G, T, D)
-    regions = _normalize(video["regions"]) * video["mask"][..., None, None]                # (G, T, R, D)
     mean_video = _normalize(_masked_mean(video["frames"], video["mask"]))
     chunk = int(self.config["eval"]["chunk_size"]) or frames.shape[0]
     if self.task == "text":
       s = _normalize(query["sentence"])
-      words = _normalize(query["words"], query["word_mask"])
       levels = {"video": s @ mean_video.T, "frame": torch.einsum("qd,gtd,gt->qg", s, frames, w)}
-      spatial = []
-      for start in range(0, frames.shape[0], chunk):            # O(chunk) memory over the gallery
-        cos = torch.einsum("gtkd,qld->qgtkl", regions[start:start + chunk], words)
-        valid = query["word_mask"][:, None, None, None, :]
-        words_to_regions = (cos.amax(3) * valid[:, :, :, 0]).sum(-1) / valid.sum(-1)[:, :, :, 0].clamp(min=1)
-        regions_to_words = cos.masked_fill(~valid, -torch.inf).amax(-1).mean(-1)
-        regions_to_words = torch.where(valid.any(-1)[..., 0], regions_to_words, torch.zeros(()))
-        spatial.append(torch.einsum("gt,qgt->qg", w[start:start + chunk], 0.5 * (words_to_regions + regions_to_words)))
-      levels["spatial"] = torch.cat(spatial, dim=1)
     else:
       u = _normalize(query["segments"], query["mask"])                                     # (Q, T, D)
       mean_audio = _normalize(_masked_mean(query["segments"], query["mask"]))
       levels = {"semantic": mean_audio @ mean_video.T, "temporal": torch.einsum("qtd,gtd,gt->qg", u, frames, w)}
-      spatial = [torch.einsum("gt,qgt->qg", w[start:start + chunk],
-                              torch.einsum("gtkd,qtd->qgtk", regions[start:start + chunk], u).amax(-1))
-                 for start in range(0, frames.shape[0], chunk)]
-      levels["spatial"] = torch.cat(spatial, dim=1)
     lambdas = {k: float(v) for k, v in self.config["loss"]["levels"].items() if float(v) != 0.0}
+    if video["regions"] is not None:
+      levels["spatial"] = self._spatial(video, query, w, chunk)
+    elif "spatial" in lambdas:
+      raise ValueError("the spatial level needs region tokens and these videos have none (released features): "
+                       "set loss.levels.spatial=0")
     levels["combined"] = sum(weight * levels[name] for name, weight in lambdas.items())
     return levels
+
+  def _spatial(self, video, query, w, chunk):
+    """S_spa over blocks of `chunk` videos: O(chunk) memory over the gallery."""
+    regions = _normalize(video["regions"]) * video["mask"][..., None, None]                # (G, T, R, D)
+    spatial = []
+    for start in range(0, regions.shape[0], chunk):
+      block, weights = regions[start:start + chunk], w[start:start + chunk]
+      if self.task == "text":
+        words = _normalize(query["words"], query["word_mask"])
+        cos = torch.einsum("gtkd,qld->qgtkl", block, words)
+        valid = query["word_mask"][:, None, None, None, :]
+        words_to_regions = (cos.amax(3) * valid[:, :, :, 0]).sum(-1) / valid.sum(-1)[:, :, :, 0].clamp(min=1)
+        regions_to_words = cos.masked_fill(~valid, -torch.inf).amax(-1).mean(-1)
+        regions_to_words = torch.where(valid.any(-1)[..., 0], regions_to_words, torch.zeros(()))
+        spatial.append(torch.einsum("gt,qgt->qg", weights, 0.5 * (words_to_regions + regions_to_words)))
+      else:
+        u = _normalize(query["segments"], query["mask"])
+        spatial.append(torch.einsum("gt,qgt->qg", weights, torch.einsum("gtkd,qtd->qgtk", block, u).amax(-1)))
+    return torch.cat(spatial, dim=1)
 
   def snippet_relevance(self, video, query):
     """w_t cos(f_t, q) (P, T) for aligned (query i, video i) pairs: the key-segment evidence."""

@@ -9,6 +9,7 @@ so a checkpoint written on any mesh loads on the devices of this process.
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 import ml_collections
@@ -46,21 +47,34 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> Trained:
-  """The workdir's checkpoint (latest or `step`) restored onto this run's mesh, for `config`."""
+  """The workdir's checkpoint restored onto this run's mesh, for `config`: the newest one that restores
+  (saying which newer ones it skipped and why), or exactly `step`.
+
+  FileNotFoundError (one line, naming the directory and the steps there) when there is no such checkpoint or
+  it does not restore. Reads only: creates nothing in the workdir.
+  """
   from varcmp_jax.train import checkpoint as checkpoint_lib   # pylint: disable=g-import-not-at-top
   from varcmp_jax.train import step as step_lib               # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, "checkpoints")
+  steps = checkpoint_lib.complete_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"{directory}: no checkpoint at all; run `varcmp train` first")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (steps: {steps})")
   trainer = step_lib.build(config)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
-  available = sorted(checkpointer.manager.all_steps())
-  if not available or step is not None and step not in available:
-    checkpointer.close()
-    raise FileNotFoundError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint "
-                            f"{'at all; run `varcmp train` first' if not available else f'at step {step}'} "
-                            f"(steps: {available})")
-  step = available[-1] if step is None else step
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints,
+                                             read_only=True)
+  for name in checkpointer.partial_saves():
+    print(f"note: ignoring {os.path.join(directory, name)}: not a finished checkpoint (a save in progress or "
+          "an interrupted one)", file=sys.stderr)
   target = checkpoint_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
-  state = checkpointer.restore(target, None, step)
-  checkpointer.close()
+  try:
+    if step is None:
+      state, step, _ = checkpointer.restore_newest(target)
+    else:
+      state = checkpointer.restore(target, None, step)
+  finally:
+    checkpointer.close()
   return Trained(config, trainer, state["params"], int(step), workdir)
 
 

@@ -5,9 +5,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from data_prep import datasets
-from data_prep.decode import DecodeError, DecodeOptions
-from data_prep.prep import check_caption, make_record
+from data_prep import datasets, row
+from data_prep.decode import DecodeOptions
 
 CONTEXT_LENGTH = 77
 
@@ -62,19 +61,14 @@ def generate_examples(items: list[datasets.Item], config: VarConfig, task: str):
   """Yields (key, example) per decodable video; a bad video is logged and skipped, as in `varcmp prep`."""
   from varcmp_jax import clip
   tokenize = clip.tokenizer()
-  options = DecodeOptions(snippets=config.snippets, image_size=config.image_size,
-                          audio="required" if task == "audio" else "none",
-                          mel_bins=config.mel_bins, mel_frames=config.mel_frames)
+  options = row.RowOptions(task=task, snippets=config.snippets, decode=DecodeOptions(
+      snippets=config.snippets, image_size=config.image_size, audio="required" if task == "audio" else "none",
+      mel_bins=config.mel_bins, mel_frames=config.mel_frames))
   for item in items:
-    caption, reason = check_caption(item.caption, task)
-    if reason is None:
-      try:
-        record = make_record(item, caption, options)
-      except DecodeError as e:
-        reason = e.reason
-    if reason is not None:
-      logging.warning("skipping %s: %s", item.video, reason)
+    status, value = row.build_record(item, options)
+    if status == "skip":
+      logging.warning("skipping %s: %s", item.video, value)
       continue
-    record["tokens"] = tokenize([caption])[0].astype(np.int32)
-    record.pop("split")
-    yield item.video, record
+    value["tokens"] = tokenize([value["caption"]])[0].astype(np.int32)
+    value.pop("split")
+    yield item.video, value

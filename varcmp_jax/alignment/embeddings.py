@@ -9,7 +9,8 @@ import jax
 @flax.struct.dataclass
 class VideoEmbeddings:
   frames: jax.Array      # (B, T, D) f_t, after the temporal adapter (not normalized)
-  regions: jax.Array     # (B, T, R, D) r_{t,k} (not normalized)
+  regions: jax.Array | None  # (B, T, R, D) r_{t,k} (not normalized); None: no region tokens (released
+                             # features), so no spatial level
   mask: jax.Array        # (B, T) bool, valid snippets
   anomaly: jax.Array     # (B, T) a_t in [0,1] from the anomaly head
   external_prior: jax.Array | None = None  # (B, T) external per-snippet prior in [0,1], if the records have one

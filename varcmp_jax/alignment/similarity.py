@@ -15,21 +15,29 @@ words, not linear) build their cosines only for such a block: O(chunk_size^2 T R
 Q x G x T x R x L. Each block is rematerialized under autodiff so the backward pass keeps the bound.
 
 Padding: padded snippets, words and audio segments are zeroed before use (garbage, even NaN, never
-reaches a result) and masked out of every mean, max and sum. Math is float32 whatever the input dtype.
+reaches a result) and masked out of every mean, max and sum. Math is float32 whatever the input dtype, and
+every contraction is pinned to float32 precision (PRECISION): by default a float32 dot runs in bf16 passes
+on TPU and in TF32 on GPU, a ~1e-3 relative error in cosines that should be exact to rank a gallery.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from varcmp_jax import config as config_lib
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
 
 _EPS = 1e-6
+PRECISION = jax.lax.Precision.HIGHEST
 
 
 def l2_normalize(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """float32 x / ||x|| over the last axis; entries where `mask` is False become exact zeros.
 
-  The norm goes through max(sum x^2, eps^2) so a zero vector has a zero (not NaN) gradient.
+  The norm goes through max(sum x^2, eps^2), so a zero vector maps to 0 with a finite gradient, not NaN:
+  below the floor the map is x / eps, whose Jacobian at 0 is I / eps = 1e6 I (large, not zero). Masked
+  entries get an exact zero gradient (the mask selects before the norm).
   """
   x = x.astype(jnp.float32)
   if mask is not None:
@@ -66,13 +74,14 @@ def _weighted_pool(video: VideoEmbeddings, weights: jax.Array, chunk_size: int |
   def block(start, length):
     take = _take(start, length)
     mask = take(video.mask)
-    return jnp.einsum("gt,gtd->gd", _valid_weights(take(weights), mask), l2_normalize(take(video.frames), mask))
+    return jnp.einsum("gt,gtd->gd", _valid_weights(take(weights), mask), l2_normalize(take(video.frames), mask),
+                      precision=PRECISION)
   return _blockwise(block, video.frames.shape[0], chunk_size, axis=0)
 
 
 def _cos_matrix(queries: jax.Array, gallery: jax.Array) -> jax.Array:
   """(Q, D) x (G, D) -> (Q, G) cosine similarities."""
-  return l2_normalize(queries) @ l2_normalize(gallery).T
+  return jnp.matmul(l2_normalize(queries), l2_normalize(gallery).T, precision=PRECISION)
 
 
 # --- video-text ---------------------------------------------------------------------------------------
@@ -86,7 +95,7 @@ def text_video_level(video: VideoEmbeddings, query: TextEmbeddings, chunk_size: 
 def text_frame_level(video: VideoEmbeddings, weights: jax.Array, query: TextEmbeddings,
                      chunk_size: int | None = None) -> jax.Array:
   """S_frm = sum_t w_t cos(f_t, s) = s/||s|| . sum_t w_t f_t/||f_t||."""
-  return l2_normalize(query.sentence) @ _weighted_pool(video, weights, chunk_size).T
+  return jnp.matmul(l2_normalize(query.sentence), _weighted_pool(video, weights, chunk_size).T, precision=PRECISION)
 
 
 def _text_spatial_block(regions, snippet_mask, weights, words, word_mask):
@@ -94,7 +103,7 @@ def _text_spatial_block(regions, snippet_mask, weights, words, word_mask):
 
   The cosine tensor keeps the matmul's own (g, T, R, q, L) layout, so XLA never transposes it.
   """
-  cos = jnp.einsum("gtkd,qld->gtkql", regions, words)                  # the O(chunk) tensor
+  cos = jnp.einsum("gtkd,qld->gtkql", regions, words, precision=PRECISION)   # the O(chunk) tensor
   num_words = jnp.sum(word_mask, axis=-1, dtype=jnp.float32)            # (q,)
   # Words -> regions: every real word finds its best region, averaged over real words.
   best_region = jnp.max(cos, axis=2)                                    # (g, T, q, L)
@@ -103,7 +112,7 @@ def _text_spatial_block(regions, snippet_mask, weights, words, word_mask):
   best_word = jnp.max(jnp.where(word_mask, cos, -jnp.inf), axis=-1)     # (g, T, R, q)
   region_term = jnp.mean(jnp.where(num_words > 0, best_word, 0.0), axis=2)
   per_snippet = 0.5 * (word_term + region_term)                         # (g, T, q)
-  return jnp.einsum("gt,gtq->qg", _valid_weights(weights, snippet_mask), per_snippet)
+  return jnp.einsum("gt,gtq->qg", _valid_weights(weights, snippet_mask), per_snippet, precision=PRECISION)
 
 
 def text_spatial_level(video: VideoEmbeddings, weights: jax.Array, query: TextEmbeddings,
@@ -143,14 +152,14 @@ def audio_temporal_level(video: VideoEmbeddings, weights: jax.Array, query: Audi
     frames = l2_normalize(take_g(video.frames), snippet_mask)
     frames = frames * _valid_weights(take_g(weights), snippet_mask)[..., None]
     segments = l2_normalize(take_q(query.segments), take_q(query.mask))
-    return jnp.einsum("qtd,gtd->qg", segments, frames)
+    return jnp.einsum("qtd,gtd->qg", segments, frames, precision=PRECISION)
   return _blockwise_matrix(block, query.segments.shape[0], video.frames.shape[0], chunk_size)
 
 
 def _audio_spatial_block(regions, snippet_mask, weights, segments):
   """S_spa for one block: regions (g, T, R, D), segments (q, T, D), both normalized -> (q, g)."""
-  best_region = jnp.max(jnp.einsum("gtkd,qtd->tgkq", regions, segments), axis=2)   # (T, g, q)
-  return jnp.einsum("gt,tgq->qg", _valid_weights(weights, snippet_mask), best_region)
+  best_region = jnp.max(jnp.einsum("gtkd,qtd->tgkq", regions, segments, precision=PRECISION), axis=2)  # (T, g, q)
+  return jnp.einsum("gt,tgq->qg", _valid_weights(weights, snippet_mask), best_region, precision=PRECISION)
 
 
 def audio_spatial_level(video: VideoEmbeddings, weights: jax.Array, query: AudioEmbeddings,
@@ -204,23 +213,37 @@ def _blockwise_matrix(block, num_queries: int, num_videos: int, chunk_size: int 
 
 
 def level_similarities(video: VideoEmbeddings, weights: jax.Array, query: TextEmbeddings | AudioEmbeddings,
-                       task: str, chunk_size: int | None = None,
-                       levels: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
+                       task: str, chunk_size: int | None = None, levels: tuple[str, ...] | None = None,
+                       mesh: jax.sharding.Mesh | None = None) -> dict[str, jax.Array]:
   """{level: (Q, G)} for `levels` (default all of config.TASK_LEVELS[task]).
 
   weights: (G, T) anomaly-biased snippet weights w_t (weighting.snippet_weights). chunk_size: videos
-  (and queries) per block (None or 0: one block, fine for a training batch).
+  (and queries) per block (None or 0: one block, fine for a training batch). mesh: the videos are split
+  over all its devices (G must divide; the queries are replicated): each device computes its own
+  (Q, G_local) columns, chunk by chunk, and the result is (Q, G) sharded by columns.
   """
   if task not in config_lib.TASK_LEVELS:
     raise ValueError(f"task {task!r} is not one of {tuple(config_lib.TASK_LEVELS)}")
   known = config_lib.TASK_LEVELS[task]
-  levels = known if levels is None else tuple(levels)
+  # Default: every level the videos allow (released features have no region tokens, so no spatial level).
+  levels = tuple(n for n in known if n != "spatial" or video.regions is not None) if levels is None else tuple(levels)
+  if "spatial" in levels and video.regions is None:
+    raise ValueError("the spatial level needs region tokens and these videos have none (released features): "
+                     "set loss.levels.spatial=0")
   unknown = [name for name in levels if name not in known]
   if unknown:
     raise ValueError(f"levels {unknown} are not levels of task {task!r} {known}")
   expected = TextEmbeddings if task == "text" else AudioEmbeddings
   if not isinstance(query, expected):
     raise TypeError(f"task {task!r} needs {expected.__name__} queries, got {type(query).__name__}")
+  if mesh is not None and mesh.size > 1:
+    num_videos, axes = video.mask.shape[0], tuple(mesh.axis_names)
+    if num_videos % mesh.size:
+      raise ValueError(f"level_similarities: {num_videos} videos do not split over the {mesh.size} devices of "
+                       "the mesh; pad the gallery with masked-out videos")
+    local = functools.partial(level_similarities, task=task, chunk_size=chunk_size, levels=levels)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P(None, axes))(
+        video, weights, query)
 
   if task == "text":
     compute = {
@@ -258,7 +281,7 @@ def snippet_relevance(video: VideoEmbeddings, weights: jax.Array,
   """
   frames = l2_normalize(video.frames, video.mask)                     # (P, T, D)
   if isinstance(query, TextEmbeddings):
-    cos = jnp.einsum("ptd,pd->pt", frames, l2_normalize(query.sentence))
+    cos = jnp.einsum("ptd,pd->pt", frames, l2_normalize(query.sentence), precision=PRECISION)
   else:
     cos = jnp.sum(frames * l2_normalize(query.segments, query.mask), axis=-1)
   return _valid_weights(weights, video.mask) * cos

@@ -21,11 +21,13 @@ import jax
 import numpy as np
 from absl import flags
 
-from varcmp_jax.data import records
+from varcmp_jax import config as config_lib
+from varcmp_jax.data import records, records_check
 
-# Per-snippet keys: their leading axis is the snippet axis T, fitted to config.data.snippets.
+# Per-snippet keys: their leading axis is the snippet axis T, fitted to config.data.snippets. The regions
+# travel only to a config with a spatial level (released features have none).
 VIDEO_KEYS = {"frames": ("frames",), "features": ("features", "regions")}
-AUDIO_KEYS = ("mel", "audio_features")
+AUDIO_KEYS = {"spectrogram": "mel", "features": "audio_features"}
 METADATA_KEYS = ("video", "caption", "label", "duration", "times", "event")
 # Batch keys for bookkeeping only: the model never reads them.
 BOOKKEEPING_KEYS = ("index", "valid")
@@ -57,7 +59,7 @@ def read_manifest(records_dir: str) -> dict[str, Any]:
   return manifest
 
 
-def _split_entry(records_dir: str, split: str) -> dict[str, Any]:
+def split_entry(records_dir: str, split: str) -> dict[str, Any]:
   splits = read_manifest(records_dir)["splits"]
   if split not in splits:
     raise KeyError(f"{pathlib.Path(records_dir) / 'manifest.json'}: no split {split!r} "
@@ -67,12 +69,12 @@ def _split_entry(records_dir: str, split: str) -> dict[str, Any]:
 
 def split_size(records_dir: str, split: str) -> int:
   """Number of records (videos) in a split, from the manifest."""
-  return _split_entry(records_dir, split)["records"]
+  return split_entry(records_dir, split)["records"]
 
 
 def shard_paths(records_dir: str, split: str) -> list[str]:
   """The split's ArrayRecord files; manifest entries are relative to `records_dir` (or absolute)."""
-  paths = [str(pathlib.Path(records_dir) / s) for s in _split_entry(records_dir, split)["shards"]]
+  paths = [str(pathlib.Path(records_dir) / s) for s in split_entry(records_dir, split)["shards"]]
   for p in paths:
     if not pathlib.Path(p).is_file():
       raise FileNotFoundError(f"{p}: shard listed in {pathlib.Path(records_dir) / 'manifest.json'} is missing")
@@ -132,31 +134,35 @@ def fit_snippets(array: np.ndarray, target: int) -> np.ndarray:
 
 
 class DecodeAndFit(grain.transforms.Map):
-  """(index, record bytes) -> one example with the batch keys, snippets fitted to `snippets`."""
+  """(index, record bytes) -> one example with the batch keys, snippets fitted to `snippets`.
 
-  def __init__(self, regime: str, task: str, snippets: int, records_dir: str, prior_source: str = "head"):
+  The example holds exactly what the model reads: the regime's video keys (regions only with `regions`),
+  the audio tower's input for the audio task, the external prior when `prior_source` reads it. Float arrays
+  become float32 (`cast`), or keep their stored dtype (device-resident data casts inside the step).
+  """
+
+  def __init__(self, regime: str, task: str, snippets: int, records_dir: str, prior_source: str = "head",
+               audio_kind: str = "spectrogram", regions: bool = True, cast: bool = True):
     if regime not in VIDEO_KEYS:
       raise ValueError(f"config.regime must be one of {sorted(VIDEO_KEYS)}, got {regime!r}")
-    self.regime, self.task, self.snippets, self.records_dir = regime, task, snippets, records_dir
+    self.regime, self.task, self.snippets, self.records_dir, self.cast = regime, task, snippets, records_dir, cast
+    self.video_keys = [k for k in VIDEO_KEYS[regime] if regions or k != "regions"]
+    self.audio_keys = [AUDIO_KEYS[audio_kind]] if task == "audio" else []
     # The external prior travels only when config.prior.source reads it, so a missing one is an error
     # here rather than silent zeros in the model.
-    self.prior_source = prior_source
+    self.prior_keys = [] if prior_source == "head" else ["prior"]
+    self.needed_by = {**{k: f"regime={regime!r}" for k in self.video_keys}, "regions": "loss.levels.spatial",
+                      **{k: f"model.audio.kind={audio_kind!r}" for k in self.audio_keys},
+                      "prior": f"prior.source={prior_source!r}", "tokens": "every model", "label": "the MIL loss"}
 
   def map(self, element: tuple[int, bytes]) -> dict[str, np.ndarray]:
     index, data = element
     record = records.decode_record(data)
     where = f"{self.records_dir}: record {index} ({record.get('video', '?')!r})"
-    missing = [k for k in VIDEO_KEYS[self.regime] + ("tokens", "label") if k not in record]
-    if missing:
-      raise KeyError(f"{where} has no {missing} (needed by regime {self.regime!r}); keys: {sorted(record)}")
-    video_keys = list(VIDEO_KEYS[self.regime])
-    # Audio inputs only travel for the audio task: they are large and the text task never reads them.
-    audio_keys = [k for k in AUDIO_KEYS if k in record] if self.task == "audio" else []
-    if self.task == "audio" and not audio_keys:
-      raise KeyError(f"{where} has neither of {AUDIO_KEYS} (needed by task 'audio')")
-    prior_keys = [] if self.prior_source == "head" else ["prior"]
-    if prior_keys and "prior" not in record:
-      raise KeyError(f"{where} has no external 'prior' (needed by prior.source={self.prior_source!r})")
+    video_keys, audio_keys, prior_keys = self.video_keys, self.audio_keys, self.prior_keys
+    for key in video_keys + audio_keys + prior_keys + ["tokens", "label"]:
+      if key not in record:
+        raise KeyError(f"{where} has no {key!r} (needed by {self.needed_by[key]}); keys: {sorted(record)}")
 
     num_snippets = record[video_keys[0]].shape[0]
     for k in video_keys + audio_keys + prior_keys:
@@ -172,8 +178,14 @@ class DecodeAndFit(grain.transforms.Map):
     for k in video_keys + audio_keys + prior_keys:
       value = fit_snippets(record[k], self.snippets)
       # Features/regions/mel/prior may be stored in float16 or bfloat16; batches are float32.
-      example[k] = value if k == "frames" else value.astype(np.float32)
+      example[k] = value if k == "frames" or not self.cast else value.astype(np.float32)
     return example
+
+
+def decode_and_fit(config, cast: bool = True) -> DecodeAndFit:
+  """The config's DecodeAndFit (what its batches hold, fitted to config.data.snippets)."""
+  return DecodeAndFit(config.regime, config.task, int(config.data.snippets), config.data.records,
+                      config.prior.source, config.model.audio.kind, config_lib.uses_regions(config), cast=cast)
 
 
 def _mark_flags_parsed(worker_count: int):
@@ -194,12 +206,16 @@ def _data_loader(config, split: str, batch_size: int, *, shuffle: bool, num_epoc
   prefetch = max(1, int(config.data.prefetch))
   return grain.DataLoader(
       data_source=source, sampler=sampler, shard_options=shard,
-      operations=[DecodeAndFit(config.regime, config.task, int(config.data.snippets), records_dir,
-                               config.prior.source),
-                  grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
+      operations=[decode_and_fit(config), grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
       worker_count=worker_count, worker_buffer_size=prefetch,
       # Grain's default read-ahead is 500 records: far too much memory for frame records.
       read_options=grain.ReadOptions(num_threads=4, prefetch_buffer_size=prefetch * batch_size))
+
+
+def check_against_config(config, split: str) -> None:
+  """records_check.RecordsMismatch (a ValueError naming each config field and its fix) when the split's records
+  cannot feed `config`; called before anything compiles."""
+  records_check.check(config, split, read_manifest(config.data.records))
 
 
 def _shard_options(shard_index: int | None, shard_count: int | None, drop_remainder: bool):
@@ -218,6 +234,7 @@ def make_train_iterator(config, batch_size_per_process: int, seed: int, *,
   """
   shard = _shard_options(shard_index, shard_count, drop_remainder=True)
   split = config.data.train_split
+  check_against_config(config, split)
   if split_size(config.data.records, split) < shard.shard_count:
     raise ValueError(f"{config.data.records}: split {split!r} has fewer records than processes ({shard.shard_count})")
   loader = _data_loader(config, split, batch_size_per_process, shuffle=True, num_epochs=None, seed=seed,
@@ -270,6 +287,7 @@ def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nd
 def make_eval_iterator(config, split: str, batch_size: int, *,
                        shard_index: int | None = None, shard_count: int | None = None) -> EvalBatches:
   """Batches covering this process's slice of `split` once, in record order, with "valid" flags."""
+  check_against_config(config, split)
   return EvalBatches(config, split, batch_size, _shard_options(shard_index, shard_count, drop_remainder=False))
 
 

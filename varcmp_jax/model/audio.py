@@ -6,6 +6,13 @@ Two kinds (config.model.audio.kind):
                  the AudioCLIP / Wav2CLIP recipe); its CLS token is projected to D like the image CLS.
   "features":    LayerNorm + a 2-layer GELU MLP from pre-extracted per-snippet features (e.g. 128-d VGGish,
                  the XD-Violence release) to D.
+
+No audio region tokens. SPEC section 2 lets the spectrogram tower give region tokens, but no similarity level
+reads them: every audio level uses u_t only (semantic: mean_t u_t; temporal: u_t; spatial, the sounding
+region: the *video's* regions r_{t,k} against u_t). So the tower keeps only its projected CLS per segment;
+projecting its patch tokens and carrying (B, T, R, D) audio regions through the loss, evaluation, export and
+search would cost memory and time for nothing. A level that needed them would add them here and to
+alignment.embeddings.AudioEmbeddings.
 """
 import dataclasses
 from typing import Any

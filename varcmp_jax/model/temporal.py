@@ -32,7 +32,10 @@ class TemporalBlock(nn.Module):
 
 
 class TemporalAdapter(nn.Module):
-  """(B, T, D) per-snippet embeddings + (B, T) validity mask -> (B, T, D), zero on padded snippets."""
+  """(B, T, D) per-snippet embeddings + (B, T) validity mask -> (B, T, D), zero on padded snippets.
+
+  Whatever the padded snippets hold (zeros, NaN, inf), the valid outputs do not depend on it.
+  """
   num_layers: int
   num_heads: int
   mlp_ratio: int
@@ -48,6 +51,9 @@ class TemporalAdapter(nn.Module):
                        f"{self.max_len}; raise max_len or lower config.data.snippets")
     positions = self.param("pos_embedding", nn.initializers.normal(0.02), (self.max_len, width),
                            self.param_dtype)
+    # Padded snippets are zeroed first: the key padding mask gives them attention weight 0, but 0 x NaN (or
+    # x inf) in the weighted sum of values would still reach every valid f_t.
+    g = jnp.where(mask[..., None], g, jnp.zeros((), g.dtype))
     x = g.astype(self.dtype) + positions[:num_snippets].astype(self.dtype)
     # Key padding mask only: padded queries still get finite outputs, which are zeroed below.
     attn_mask = mask[:, None, None, :]

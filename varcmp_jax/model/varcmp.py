@@ -13,6 +13,7 @@ Top-level params, only those the task and regime use:
                 VarCMP) whenever either is there. The features regime has no image tower: its g_t, r_{t,k}
                 were computed by the tower beforehand, and a tower kept here would get no gradient while
                 weight decay still shrank it. The audio task has no text tower.
+  video_projection  features regime with config.model.video_features.dim > 0: stored features -> joint space.
   temporal      video temporal adapter.
   audio         audio tower with its own temporal adapter (audio task).
   anomaly_head  MLP on f_t -> a_t.
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from varcmp_jax import config as config_lib
+from varcmp_jax.alignment import losses
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
 from varcmp_jax.clip import model as clip_model
 from varcmp_jax.model import audio as audio_lib
@@ -46,6 +48,19 @@ class AnomalyHead(nn.Module):
     x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(f.astype(self.dtype))
     x = nn.Dense(1, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(nn.gelu(x))
     return jax.nn.sigmoid(x[..., 0].astype(jnp.float32))
+
+
+class FeatureProjection(nn.Module):
+  """Stored visual features of any width -> the joint space: LayerNorm -> Dense -> GELU -> Dense, float32 out."""
+  width: int
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda name: nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x.astype(self.dtype))
+    return dense("fc2")(nn.gelu(dense("fc1")(x))).astype(jnp.float32)
 
 
 def clip_config(model_cfg) -> clip_model.CLIPConfig:
@@ -85,6 +100,8 @@ class VarCMP(nn.Module):
     temporal = cfg.temporal
     if self.regime == "frames" or self.task == "text":
       self.clip = clip_model.CLIP(tower)
+    if self.regime == "features" and config_lib.video_feature_dim(cfg):
+      self.video_projection = FeatureProjection(tower.projection_dim, **run)
     self.temporal = TemporalAdapter(**temporal, **run)
     self.anomaly_head = AnomalyHead(cfg.anomaly_head.hidden, **run)
     if self.task == "audio" and cfg.audio.kind == "spectrogram":
@@ -115,24 +132,34 @@ class VarCMP(nn.Module):
             regions.reshape(batch, snippets, *regions.shape[1:]))
 
   def encode_video(self, batch) -> VideoEmbeddings:
+    """Frames regime: the image tower's g_t and region tokens. Features regime: the stored `features` (and
+    `regions` when the batch has them: released features have none, and only the spatial level reads them),
+    projected into the joint space when config.model.video_features.dim > 0."""
     mask = jnp.asarray(_require(batch, "mask", "the (B, T) valid-snippet mask"), bool)
     if self.regime == "frames":
       g, r = self.image_features(_require(batch, "frames", "frames regime"))
     else:
       g = jnp.asarray(_require(batch, "features", "features regime"), jnp.float32)
-      r = jnp.asarray(_require(batch, "regions", "features regime"), jnp.float32)
-      width, regions = self.model_cfg.clip.projection_dim, self.model_cfg.region_grid ** 2
-      if g.ndim != 3 or g.shape[-1] != width or r.shape != (*g.shape[:2], regions, width):
-        raise ValueError(f"VarCMP: features regime needs batch['features'] (B, T, {width}) and batch['regions'] "
-                         f"(B, T, {regions}, {width}) (config.model.clip.projection_dim, region_grid**2), got "
-                         f"{g.shape} and {r.shape}")
+      r = None if batch.get("regions") is None else jnp.asarray(batch["regions"], jnp.float32)
+      width, regions = config_lib.stored_video_width(self.model_cfg), self.model_cfg.region_grid ** 2
+      field = "video_features.dim" if config_lib.video_feature_dim(self.model_cfg) else "clip.projection_dim"
+      if g.ndim != 3 or g.shape[-1] != width:
+        raise ValueError(f"VarCMP: features regime needs batch['features'] (B, T, {width}) "
+                         f"(config.model.{field}), got {g.shape}")
+      if r is not None and r.shape != (*g.shape[:2], regions, width):
+        raise ValueError(f"VarCMP: batch['regions'] must be (B, T, {regions}, {width}) (config.model.region_grid**2, "
+                         f"{field}), got {r.shape}")
+      if config_lib.video_feature_dim(self.model_cfg):
+        g = self.video_projection(g)
+        r = None if r is None else self.video_projection(r)
     if mask.shape != g.shape[:2]:
       raise ValueError(f"VarCMP: batch['mask'] has shape {mask.shape}, the snippets are {g.shape[:2]}")
     f = self.temporal(g, mask)
     anomaly = jnp.where(mask, self.anomaly_head(f), 0.0)
     prior = batch.get("prior")
     return VideoEmbeddings(
-        frames=f, regions=jnp.where(mask[..., None, None], r, 0.0), mask=mask, anomaly=anomaly,
+        frames=f, regions=None if r is None else jnp.where(mask[..., None, None], r, 0.0), mask=mask,
+        anomaly=anomaly,
         external_prior=None if prior is None else jnp.where(mask, jnp.asarray(prior, jnp.float32), 0.0))
 
   def encode_query(self, batch) -> TextEmbeddings | AudioEmbeddings:
@@ -149,8 +176,10 @@ class VarCMP(nn.Module):
     return AudioEmbeddings(segments=segments, mask=mask)
 
   def logit_scales(self) -> dict[str, jax.Array]:
-    """{level: learned log-scale}, clipped at config.model.logit_scale_max."""
-    return {level: jnp.minimum(s, self.model_cfg.logit_scale_max) for level, s in self.scale_params.items()}
+    """{level: learned log-scale}, clipped at config.model.logit_scale_max with the gradient kept
+    (losses.clip_log_scale): a scale above the max can still be pulled back."""
+    top = self.model_cfg.logit_scale_max
+    return {level: losses.clip_log_scale(s, top) for level, s in self.scale_params.items()}
 
   def __call__(self, batch):
     return self.encode_video(batch), self.encode_query(batch)

@@ -2,7 +2,9 @@
 
 Parameters and optimizer state are sharded FSDP-style by a short rule table on their path; the batch is
 sharded over both axes, so every device holds a slice of the global batch and XLA inserts the
-all-gathers of the FSDP'd weights. Works unchanged on one CPU, 8 fake CPU devices, or a multi-host pod.
+all-gathers of the FSDP'd weights. The loss is partitioned explicitly over every axis of the mesh
+(alignment/losses.py, `mesh`), so BATCH_AXES stays all of MESH_AXES. Works unchanged on one CPU, 8 fake
+CPU devices, or a multi-host pod.
 """
 import os
 import re

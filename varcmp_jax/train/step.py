@@ -1,7 +1,9 @@
 """The train state and the one jitted train step over the (data, fsdp) mesh.
 
 The contrastive loss is computed over the *global* batch: the batch is sharded over every device, the
-towers run where their rows live, and XLA gathers the (small) embeddings for the Q x G similarities.
+towers run where their rows live, and the loss runs partitioned over the mesh (losses.varcmp_loss with
+`mesh`): each device scores every (gathered) query against its own videos only, and the InfoNCE
+reduces across devices.
 
 Gradient accumulation keeps that global-batch loss exact (GradCache, Gao et al. 2021): the k
 micro-batches are first embedded without gradients, the loss and its gradient w.r.t. the embeddings are
@@ -40,9 +42,10 @@ def example_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[st
     size = m.clip.vision.image_size
     batch["frames"] = np.zeros((batch_size, t, size, size, 3), np.uint8)
   else:
-    d = m.clip.projection_dim
+    d = config_lib.stored_video_width(m)
     batch["features"] = np.zeros((batch_size, t, d), np.float32)
-    batch["regions"] = np.zeros((batch_size, t, m.region_grid ** 2, d), np.float32)
+    if config_lib.uses_regions(config):   # the pipeline passes regions only to the spatial level
+      batch["regions"] = np.zeros((batch_size, t, m.region_grid ** 2, d), np.float32)
   if config.prior.source != "head":
     batch["prior"] = np.zeros((batch_size, t), np.float32)
   if config.task == "audio":
@@ -93,7 +96,7 @@ class Trainer:
   # ---- loss and gradients ------------------------------------------------------------------------
   def loss_from_embeddings(self, embeddings, scales, labels):
     video, query = embeddings
-    return losses.varcmp_loss(video, query, labels, scales, self.config)
+    return losses.varcmp_loss(video, query, labels, scales, self.config, mesh=self.mesh)
 
   def _encode(self, params, batch):
     return self.model.apply({"params": params}, pipeline.model_inputs(batch))
@@ -143,6 +146,10 @@ class Trainer:
     (loss, terms), grads = self.loss_and_grads(state["params"], batch)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    # Clamp the log-scales after the update, as OpenCLIP does; the loss passes their gradient through its
+    # clip (losses.clip_log_scale), so a scale at the max still gets a gradient and can come back down.
+    top = self.config.model.logit_scale_max
+    params = {**params, "logit_scales": jax.tree_util.tree_map(lambda s: jnp.minimum(s, top), params["logit_scales"])}
     # lr: the base schedule; each tower's rate is this times its train.lr_mult.
     metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics

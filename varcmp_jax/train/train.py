@@ -1,21 +1,32 @@
 """The training loop: data -> sharded batch -> jitted step -> metrics, checkpoints, preemption.
 
-Resume is exact: the checkpoint holds the train state and the Grain iterator state of the same step, so a
-restarted run sees the same next batch and reproduces the same per-step losses and final parameters.
+The batches come from the Grain pipeline or, in the features regime, from the split held on the devices
+(`config.data.resident`; feed.py says which, in one line). The first step compiles (the progress bar says
+so); metrics.jsonl and TensorBoard get the throughput with the losses (metrics_log.Throughput).
+
+Resume is exact: the checkpoint holds the train state and the input's state of the same step (the Grain
+iterator, or the resident sampler's epoch and position), so a restarted run sees the same next batch and
+reproduces the same per-step losses and final parameters.
+
+Workdir safety (SPEC section 4c, `workdir.py`): one writer per workdir (a lock), a resume only with the
+config in WORKDIR/config.json (up to cadence, worker and memory settings), the newest checkpoint that restores,
+SIGTERM and SIGINT save and exit 0, and a full disk stops the run with one line and its checkpoints intact.
 """
-import json
+import contextlib
 import os
 
 import jax
 import ml_collections
-import numpy as np
-import tensorboardX
 import tqdm
+from jax.experimental import multihost_utils
 
 from varcmp_jax import evaluate
-from varcmp_jax.data import pipeline
 from varcmp_jax.train import checkpoint as checkpoint_lib
+from varcmp_jax.train import feed as feed_lib
 from varcmp_jax.train import step as step_lib
+from varcmp_jax.train import workdir as workdir_lib
+from varcmp_jax.train.metrics_log import MetricsLog, Throughput
+from varcmp_jax.train.workdir import RunError
 
 
 def load_clip_params(path: str):
@@ -24,99 +35,133 @@ def load_clip_params(path: str):
   return clip.load(path)[1]
 
 
-class MetricsLog:
-  """metrics.jsonl + TensorBoard events, written by process 0 only.
+def restore_or_init(trainer: step_lib.Trainer, checkpointer, config, data=None):
+  """(state, step): the newest checkpoint that restores, onto this mesh, or a fresh state at step 0.
 
-  On resume from step s, lines after s (logged before a kill, after the last checkpoint) are dropped so the
-  file reads like one uninterrupted run, and TensorBoard purges the same steps.
+  Newer checkpoints that do not restore are set aside (WORKDIR/unrestorable_checkpoints/), so that their step
+  numbers can be saved again. RunError if checkpoints exist and none restores: never a silent restart.
   """
-
-  def __init__(self, workdir: str, start_step: int):
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    kept = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-    with open(self.path, "w") as f:
-      f.writelines(kept)
-    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                         purge_step=start_step + 1 if start_step else None)
-
-  def write(self, step: int, metrics: dict[str, np.ndarray]):
-    if not self.enabled:
-      return
-    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    for k, v in row.items():
-      if k != "step":
-        self.tb.add_scalar(f"train/{k}", v, step)
-
-  def write_eval(self, step: int, result: dict):
-    """Periodic eval (train.eval_every): eval_history.jsonl and TensorBoard "eval/..." scalars."""
-    if not self.enabled:
-      return
-    with open(os.path.join(os.path.dirname(self.path), "eval_history.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **result}) + "\n")
-    for name, entry in [("combined", result), *result["levels"].items()]:
-      for direction, values in entry.items():
-        if direction != "levels" and isinstance(values, dict):
-          for metric, value in values.items():
-            self.tb.add_scalar(f"eval/{name}/{direction}/{metric}", value, step)
-      self.tb.add_scalar(f"eval/{name}/SumR", entry["SumR"], step)
-
-  def close(self):
-    if self.enabled:
-      self.tb.close()
-
-
-def restore_or_init(trainer: step_lib.Trainer, checkpointer, config, data_iterator=None):
-  """(state, step): the latest checkpoint restored onto this mesh, or a fresh state at step 0."""
-  step = checkpointer.latest_step()
-  if step is None:
+  if not checkpointer.all_steps():
     clip_params = load_clip_params(config.model.clip_checkpoint) if config.model.clip_checkpoint else None
     return trainer.init_state(config.seed, clip_params), 0
   target = checkpoint_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
-  return checkpointer.restore(target, data_iterator, step), step
+  try:
+    state, step, skipped = checkpointer.restore_newest(target, data)
+  except checkpoint_lib.NoCheckpoint as e:
+    raise RunError(f"{e}; move them away to start over") from None
+  if skipped:
+    if jax.process_index() == 0:
+      checkpointer.set_aside(s for s, _ in skipped)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("varcmp: unrestorable checkpoints set aside")
+    checkpointer.manager.reload()
+  return state, step
+
+
+def _compile(feed, state, inputs, bar, meter: Throughput):
+  """The first step's compilation, shown on the bar and kept out of the step times."""
+  bar.set_description("compiling")
+  bar.refresh()
+  run_step, compiled = feed.compile(state, inputs)
+  meter.flops = feed_lib.xla_flops(compiled, feed.trainer.mesh.size)
+  bar.set_description("train")
+  meter.restart()
+  return run_step
+
+
+def train_steps(trainer, state, start: int, feed, checkpointer, log: MetricsLog, stop, eval_data=None):
+  """Steps start+1 .. num_steps (or until a stop signal); saves the last step. Returns the state.
+
+  `eval_data`: the eval split on the devices (resident data) for the periodic eval, else None (Grain)."""
+  t = trainer.config.train
+  last_saved = done = start
+  bar = tqdm.trange(start, t.num_steps, initial=start, total=t.num_steps, desc="train",
+                    disable=jax.process_index() != 0)
+  meter, run_step = Throughput(t.batch_size, 0.0), None
+  for step in bar:
+    with meter.waiting():
+      inputs = feed.next()
+    if run_step is None:
+      run_step = _compile(feed, state, inputs, bar, meter)
+    state, metrics = run_step(state, inputs)
+    meter.stepped()
+    done = step + 1
+    if done % t.log_every == 0 or done == t.num_steps:
+      metrics = jax.device_get(metrics)
+      log.write(done, metrics, meter.report())
+      bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+    if checkpointer.save(done, state, feed.checkpointable):
+      last_saved = done
+    if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+      with meter.paused():
+        log.write_eval(done, evaluate.evaluate_params(trainer, state["params"], resident_split=eval_data))
+    if stop.received or checkpointer.reached_preemption(done):
+      why = "interrupted (SIGINT)" if stop.received == "SIGINT" else "preempted"
+      print(f"{why}: saving step {done} and exiting", flush=True)
+      break
+  bar.close()
+  if last_saved != done:
+    checkpointer.save(done, state, feed.checkpointable, force=True)
+  checkpointer.wait_until_finished()
+  return state
+
+
+def _disk_full(workdir: str, reason: str) -> RunError:
+  steps = checkpoint_lib.complete_steps(workdir)
+  last = (f"the last complete checkpoint is step {steps[-1]} ({os.path.join(workdir, 'checkpoints', str(steps[-1]))})"
+          if steps else "no checkpoint was completed")
+  return RunError(f"disk full writing into {workdir} ({reason}): training stopped; {last}. Free some space "
+                  "and rerun the same command to resume")
+
+
+def _run(trainer, config, workdir: str):
+  t = config.train
+  writer = jax.process_index() == 0
+  checkpointer = checkpoint_lib.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
+  log = None
+  with checkpoint_lib.quiet_failed_saves():
+    try:
+      if writer:
+        checkpointer.remove_partial_saves()
+      feed = feed_lib.make(trainer, config, checkpoint_lib.data_item(workdir))
+      state, start = restore_or_init(trainer, checkpointer, config, feed.checkpointable)
+      eval_data = evaluate.resident_eval_split(trainer, config.data.eval_split) if t.eval_every else None
+      if writer:
+        workdir_lib.write_config(workdir, config)
+      log = MetricsLog(workdir, start, enabled=writer)
+      with checkpoint_lib.StopSignals() as stop:    # also while the last save finishes
+        state = train_steps(trainer, state, start, feed, checkpointer, log, stop, eval_data)
+        _close(log, checkpointer)
+      return state
+    except Exception as e:
+      _close(log, checkpointer, quietly=True)     # a save in flight finishes (or fails) before the report
+      reason = workdir_lib.out_of_space(e)
+      if reason is None:
+        raise
+      raise _disk_full(workdir, reason) from None
+
+
+def _close(log, checkpointer, quietly: bool = False):
+  """`quietly` (after a failure): closing must neither hide that error nor raise again (a failed save does)."""
+  for closing in (log, checkpointer):
+    with contextlib.suppress(Exception) if quietly else contextlib.nullcontext():
+      if closing is not None:
+        closing.close()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):
-  """Trains to config.train.num_steps (resuming from workdir's checkpoints); returns the final state."""
-  os.makedirs(workdir, exist_ok=True)
-  trainer = step_lib.build(config)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  t = config.train
-  checkpointer = checkpoint_lib.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
-  data_iterator = pipeline.make_train_iterator(config, t.batch_size // jax.process_count(), config.seed)
-  state, start = restore_or_init(trainer, checkpointer, config, data_iterator)
-  log = MetricsLog(workdir, start)
-  last_saved = done = start
-  with checkpoint_lib.SigtermFlag() as sigterm:
-    bar = tqdm.trange(start, t.num_steps, initial=start, total=t.num_steps, desc="train",
-                      disable=jax.process_index() != 0)
-    for step in bar:
-      batch = trainer.shard_batch(next(data_iterator))
-      state, metrics = trainer.train_step(state, batch)
-      done = step + 1
-      if done % t.log_every == 0 or done == t.num_steps:
-        metrics = jax.device_get(metrics)
-        log.write(done, metrics)
-        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-      if checkpointer.save(done, state, data_iterator):
-        last_saved = done
-      if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
-        log.write_eval(done, evaluate.evaluate_params(trainer, state["params"]))
-      if sigterm.received or checkpointer.reached_preemption(done):
-        print(f"preempted: saving step {done} and exiting", flush=True)
-        break
-  if last_saved != done:
-    checkpointer.save(done, state, data_iterator, force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  log.close()
-  return state
+  """Trains to config.train.num_steps (resuming from workdir's checkpoints); returns the final state.
+
+  RunError (one line, for the command line) when the records are missing, the workdir is busy or cannot be
+  written, its config differs, no checkpoint restores, or the disk is full; ValueError for a config that
+  does not fit the devices.
+  """
+  workdir = os.path.abspath(workdir)
+  holding = workdir_lib.writer(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with holding:        # first: a second writer fails at once, before anything is built
+    evaluate.check_records(config, config.data.train_split)
+    if config.train.eval_every:
+      evaluate.check_records(config, config.data.eval_split)
+    if checkpoint_lib.complete_steps(workdir):
+      workdir_lib.check_same_config(workdir, config)
+    return _run(step_lib.build(config), config, workdir)

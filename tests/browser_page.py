@@ -1,0 +1,98 @@
+"""The search page in a real headless Chromium (selenium), for tests/test_serve.py and the README's screenshot.
+
+  python tests/browser_page.py --url http://127.0.0.1:8000 --query "a red triangle shakes in the top left corner" \
+      --out docs/serve.png      # with `varcmp serve` running
+
+Uses Debian's `chromium` and `chromium-driver` (or any chromium/chromedriver pair on PATH); selenium is told
+both paths, so it never tries to download a browser or a driver.
+"""
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                  "--autoplay-policy=no-user-gesture-required")
+
+
+def chromium_paths() -> tuple[str, str] | None:
+  """(browser, driver) executables, or None when either is missing."""
+  browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+  driver = shutil.which("chromedriver") or next(
+      (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if os.path.exists(p)), None)
+  return (browser, driver) if browser and driver else None
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1200, height: int = 900):
+  """A headless Chromium driven by selenium, with a fresh profile that is deleted afterwards."""
+  from selenium import webdriver  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.chrome.service import Service  # pylint: disable=g-import-not-at-top
+  paths = chromium_paths()
+  if paths is None:
+    raise FileNotFoundError("no chromium + chromedriver on PATH (Debian: apt-get install chromium chromium-driver)")
+  os.environ.setdefault("SE_OFFLINE", "true")    # selenium-manager: never download anything
+  profile = tempfile.mkdtemp(prefix="varcmp-chromium-")
+  options = webdriver.ChromeOptions()
+  options.binary_location = paths[0]
+  for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile}", f"--window-size={width},{height}"):
+    options.add_argument(flag)
+  driver = webdriver.Chrome(options=options, service=Service(executable_path=paths[1]))
+  try:
+    yield driver
+  finally:
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def search(driver, url: str, query: str, timeout: float = 60) -> list[dict]:
+  """Opens the page, types `query`, submits, waits for the hits and their main keyframes; returns per hit its
+  name and its keyframe's naturalWidth (0: not loaded)."""
+  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  wait = WebDriverWait(driver, timeout)
+  driver.get(url)
+  wait.until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+  box = driver.find_element(By.ID, "text")
+  box.clear()
+  box.send_keys(query)
+  driver.find_element(By.ID, "go").click()
+  wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#hits li.hit")
+             and query in d.find_element(By.ID, "status").text)
+  wait.until(lambda d: d.execute_script(
+      "return [...document.querySelectorAll('#hits img.thumb')].every(img => img.complete)"))
+  return driver.execute_script(
+      "return [...document.querySelectorAll('#hits li.hit')].map(li => ({"
+      " name: li.querySelector('.name').textContent,"
+      " thumbnail_width: li.querySelector('img.thumb').naturalWidth}))")
+
+
+def screenshot(driver, path: str, width: int = 1200) -> str:
+  """The whole page as a PNG at `path` (the window grown to the page's height)."""
+  for _ in range(3):   # the window's outer size includes what is not page: grow until the page fits
+    page, inner = driver.execute_script("return [document.documentElement.scrollHeight, window.innerHeight]")
+    if inner >= page:
+      break
+    driver.set_window_size(width, min(driver.get_window_size()["height"] + page - inner, 6000))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if not driver.save_screenshot(path):
+    raise OSError(f"{path}: chromium could not write the screenshot")
+  return path
+
+
+def main():
+  parser = argparse.ArgumentParser(description="screenshot of the search page for a query")
+  parser.add_argument("--url", default="http://127.0.0.1:8000/")
+  parser.add_argument("--query", required=True)
+  parser.add_argument("--k", type=int, default=5)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  with chromium() as driver:
+    hits = search(driver, f"{args.url.rstrip('/')}/?k={args.k}", args.query)
+    print(f"{len(hits)} hits, top: {hits[0]['name']}; screenshot: {screenshot(driver, args.out)}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,139 @@
+"""`varcmp index`: embed a split of records into an on-disk index for archive-scale search (SPEC section 4b).
+
+  varcmp index --workdir runs/demo/run --records runs/demo/records --out runs/demo/index
+  varcmp index --workdir runs/demo/run --records data/new_records --out runs/demo/index --append
+  varcmp search --index runs/demo/index --text "a red triangle shakes in the top left corner"
+
+The split is embedded slice by slice (--shard-size videos; within a slice, eval batches, so memory is one
+batch) and each slice becomes one shard of the index (varcmp_jax.index.store). Running the same command again
+after a kill resumes at the first slice not committed; --append adds another records directory or split,
+embedded by the same run and checkpoint. Runs in one process on its local devices.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+
+import jax
+import tqdm
+
+from varcmp_jax import evaluate, hits
+from varcmp_jax.data import pipeline, records as records_lib
+from varcmp_jax.index import levels as levels_lib
+from varcmp_jax.index import store
+
+
+def header(run) -> dict:
+  """The manifest fields that say what the index's vectors mean: run, config, task, levels."""
+  config = run.config
+  return {"run": {"workdir": os.path.realpath(run.workdir), "step": int(run.step)},
+          "config": json.loads(config.to_json_best_effort()), "task": config.task,
+          "levels": {name: float(weight) for name, weight in config.loss.levels.items()},
+          "pooled_levels": list(levels_lib.POOLED_LEVELS[config.task])}
+
+
+def fingerprint(records: str) -> str:
+  with open(os.path.join(records, "manifest.json"), "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def slice_metadata(records: str, split: str, start: int, stop: int, snippets: int) -> list[dict]:
+  """video, caption, label, duration, event and slot times of the records [start, stop) of the split."""
+  source = pipeline.IndexedSource(records, split)
+  out = []
+  for i in range(start, stop):
+    record = records_lib.decode_record(source[i][1])
+    missing = [k for k in pipeline.METADATA_KEYS if k not in record]
+    if missing:
+      raise KeyError(f"{records}: record {i} of split {split!r} has no {missing}")
+    out.append({"video": str(record["video"]), "caption": str(record["caption"]), "label": int(record["label"]),
+                "duration": float(record["duration"]), "event": [float(x) for x in record["event"]],
+                "times": hits.slot_times(record["times"], snippets)})
+  return out
+
+
+def build(run, records: str, out: str, split: str, append: bool = False, shard_size: int = 1024) -> dict:
+  """Embeds `split` of `records` with `run` into the index `out` (created, resumed or appended to)."""
+  if jax.process_count() > 1:
+    raise ValueError("varcmp index runs in one process (it uses every local device); start it on one host")
+  config = copy.deepcopy(run.config)
+  config.data.records, config.data.worker_count = records, 0
+  total = pipeline.split_size(records, split)
+  if not total:
+    raise ValueError(f"{records}: split {split!r} has no records")
+
+  @jax.jit
+  def prepare(video):
+    return levels_lib.index_arrays(video, *levels_lib.snippet_weights(video, config), config.task)
+
+  with store.IndexWriter(out, header(run), append) as writer:
+    before = writer.videos
+    source = writer.add_source({"records": os.path.realpath(records), "split": split,
+                                "fingerprint": fingerprint(records), "videos": total,
+                                "slices": math.ceil(total / shard_size)}, append)
+    slices = writer.manifest["sources"][source]["slices"]     # as first written, when resuming
+    pending = writer.pending_slices(source)
+    todo = sum(stop - start for start, stop in (store.slice_bounds(total, slices, i) for i in pending))
+    with tqdm.tqdm(total=total, initial=total - todo, desc=f"index {split}", unit="video") as bar:
+      for i in pending:
+        start, stop = store.slice_bounds(total, slices, i)
+        metadata = slice_metadata(records, split, start, stop, config.data.snippets)
+        shard = writer.shard(source, i, start, stop)
+        expected = start
+        for rows, video in evaluate.embed_batches(run.trainer, run.params, split, config, "encode_video",
+                                                  shard_index=i, shard_count=slices, progress=False):
+          if list(rows) != list(range(expected, expected + len(rows))):
+            raise RuntimeError(f"slice {i} of {records} came back as records {rows}, expected from {expected}")
+          arrays = jax.device_get(prepare(video))
+          _check_levels(writer.manifest, arrays)
+          arrays["times"] = [metadata[r - start].pop("times") for r in rows]
+          shard.add(arrays, [metadata[r - start] for r in rows])
+          expected += len(rows)
+          bar.update(len(rows))
+        shard.commit()
+    return {"index": out, "videos": writer.videos, "added": writer.videos - before, "records": records,
+            "split": split, "bytes": _size(out)}
+
+
+def _check_levels(manifest: dict, arrays: dict):
+  known = manifest["pooled_levels"] + list(levels_lib.snippet_levels(manifest["task"], arrays["regions"] is not None))
+  missing = [name for name, weight in manifest["levels"].items() if weight and name not in known]
+  if missing:
+    raise ValueError(f"the model gives no region tokens, so levels {missing} cannot be indexed; they need "
+                     "loss.levels.<level>=0")
+
+
+def _size(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="varcmp index", description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a `varcmp train` workdir")
+  parser.add_argument("--records", required=True, help="records directory (`varcmp prep` output)")
+  parser.add_argument("--out", required=True, help="index directory (created, resumed, or appended to)")
+  parser.add_argument("--split", default=None, help="split to index (default: the run's config.data.eval_split)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--append", action="store_true", help="add these records to an existing index")
+  parser.add_argument("--shard-size", type=int, default=1024, help="videos per shard (a resume restarts one)")
+  args = parser.parse_args(argv)
+  if args.shard_size < 1:
+    parser.error("--shard-size must be >= 1")
+
+  from varcmp_jax import trained  # pylint: disable=g-import-not-at-top
+  try:
+    store.check_out(args.out, args.append)      # before the model loads
+    run = trained.load(args.workdir, args.step)
+    result = build(run, args.records, args.out, args.split or run.config.data.eval_split, args.append,
+                   args.shard_size)
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    raise SystemExit(f"varcmp index: {e}") from None
+  except OSError as e:
+    raise SystemExit(f"varcmp index: cannot write {args.out}: {e} (what was committed is kept; run the same "
+                     "command again to resume)") from None
+  print(f"index {result['index']}: {result['videos']} videos ({result['added']} added from {result['records']}, "
+        f"split {result['split']}), {result['bytes'] / 2**20:.1f} MiB\n"
+        f"search it: varcmp search --index {result['index']} --text \"...\"")
+  return 0

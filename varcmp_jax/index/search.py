@@ -1,0 +1,183 @@
+"""Exact two-stage search over an on-disk index (SPEC section 4b), for `varcmp search --index` and the web page.
+
+  index = Index("runs/demo/index")       # open once: reads the manifest, memory-maps nothing yet
+  hits = index.search(query, top_k=10, candidates=1000)     # query: TextEmbeddings | AudioEmbeddings (row 0)
+  hits = index.search(query, top_k=10, candidates=None)     # exhaustive: every level of every video
+
+Stage 1 scores every video exactly on the levels linear in the video (index.levels): one dot product per
+pooled row, streamed from pooled.npy in memory-mapped windows of `chunk_bytes`, keeping the K best by their
+combined linear score. Stage 2 reads the per-snippet tensors of those K candidates block by block, computes the
+other levels with the functions `varcmp eval` uses (alignment.similarity) and ranks the candidates by the
+exact combined score S = sum_g lambda_g S_g. Memory: one window, one block and K scores; never O(G). When
+every stage-2 level has lambda = 0, stage 1 is the exact ranking and stage 2 runs for the top_k only.
+`candidates=None` computes every level of every video, window by window: the exhaustive reference.
+"""
+import jax
+import numpy as np
+
+from varcmp_jax import config as config_lib
+from varcmp_jax import hits as hits_lib
+from varcmp_jax.alignment import similarity
+from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
+from varcmp_jax.index import levels as levels_lib
+from varcmp_jax.index import store
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+MAX_BLOCK = 512
+
+
+class TopK:
+  """The k highest scores seen so far, with their rows and per-level scores; O(k) memory."""
+
+  def __init__(self, k: int):
+    self.k, self.rows, self.scores, self.levels = k, np.zeros(0, np.int64), np.zeros(0, np.float32), None
+
+  def add(self, rows: np.ndarray, scores: np.ndarray, levels: dict[str, np.ndarray]):
+    rows, scores = np.concatenate([self.rows, rows]), np.concatenate([self.scores, scores])
+    levels = levels if self.levels is None else {k: np.concatenate([self.levels[k], v]) for k, v in levels.items()}
+    if len(rows) > self.k:
+      keep = np.argpartition(-scores, self.k - 1)[:self.k]
+      rows, scores, levels = rows[keep], scores[keep], {k: v[keep] for k, v in levels.items()}
+    self.rows, self.scores, self.levels = rows, scores, levels
+
+  def ranked(self):
+    """(rows, scores, levels), best first; ties by row, as the gallery search orders them."""
+    order = np.lexsort((self.rows, -self.scores))
+    return self.rows[order], self.scores[order], {k: v[order] for k, v in (self.levels or {}).items()}
+
+
+class Index:
+  """An index opened for search. `chunk_bytes` bounds the working memory of a window of pooled rows and of a
+  block of stage-2 rows (as float32)."""
+
+  def __init__(self, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    self.store = store.IndexReader(path)
+    self.path, self.manifest = self.store.path, self.store.manifest
+    manifest, layout = self.manifest, self.store.layout
+    self.task = manifest["task"]
+    self.lambdas = {name: float(weight) for name, weight in manifest["levels"].items()}
+    self.pooled_levels = tuple(manifest["pooled_levels"])
+    self.snippet_levels = levels_lib.snippet_levels(self.task, layout["regions"] > 0)
+    known = self.pooled_levels + self.snippet_levels
+    missing = [name for name, weight in self.lambdas.items() if weight and name not in known]
+    if missing:
+      raise store.StoreError(f"{self.path}: levels {missing} have a weight but the index cannot score them "
+                             f"(no region tokens); it scores {known}")
+    self.level_order = tuple(name for name in config_lib.TASK_LEVELS[self.task] if name in known)
+    self.fields = sorted({f for name in self.snippet_levels for f in levels_lib.SNIPPET_LEVEL_FIELDS[name]})
+    config = manifest.get("config") or {}
+    chunk_size = int(config.get("eval", {}).get("chunk_size", 64))
+    self.window_rows = max(1, chunk_bytes // (4 * layout["pooled"] * layout["dim"]))
+    per_video = sum(4 * int(np.prod(self.store.row_shape(f))) for f in self.fields) or 1
+    self.block_rows = int(2 ** np.floor(np.log2(np.clip(chunk_bytes // per_video, 1, MAX_BLOCK))))
+    self._score_block = _block_scorer(self.task, self.snippet_levels, chunk_size)
+    self._relevance = jax.jit(similarity.snippet_relevance)
+
+  def __len__(self) -> int:
+    return self.store.videos
+
+  @property
+  def stage2_needed(self) -> bool:
+    return any(self.lambdas.get(name, 0.0) for name in self.snippet_levels)
+
+  # --- ranking --------------------------------------------------------------------------------------
+
+  def rank(self, query, top_k: int = 5, candidates: int | None = 1000):
+    """(rows, combined scores, {level: scores}) of the top_k videos for row 0 of `query`, best first.
+
+    candidates: K videos kept by stage 1 for stage 2 (at least top_k); None: exhaustive.
+    """
+    query = self._check_query(query)
+    vectors = levels_lib.query_vectors(query)
+    top_k = max(1, min(int(top_k), len(self)))
+    if candidates is None:
+      best = TopK(top_k)
+      for rows, linear in self._stage1_windows(vectors):
+        best.add(rows, *self._combine(linear, self._stage2(rows, query)))
+      return best.ranked()
+    if not self.stage2_needed:
+      candidates = top_k
+    stage1 = TopK(max(top_k, min(int(candidates), len(self))))
+    for rows, linear in self._stage1_windows(vectors):
+      stage1.add(rows, linear @ self._linear_weights(), {"linear": linear})
+    rows = np.sort(stage1.rows)            # stage 2 reads the shards in order
+    linear = stage1.levels["linear"][np.argsort(stage1.rows)]
+    best = TopK(top_k)
+    best.add(rows, *self._combine(linear, self._stage2(rows, query)))
+    return best.ranked()
+
+  def _linear_weights(self) -> np.ndarray:
+    return np.array([self.lambdas.get(name, 0.0) for name in self.pooled_levels], np.float32)
+
+  def _stage1_windows(self, vectors: np.ndarray):
+    """(rows, (n, P) linear level scores) per window of pooled.npy."""
+    work = np.empty((self.window_rows, *vectors.shape), np.float32)   # reused: no fresh pages per window
+    for start, window in self.store.pooled_chunks(self.window_rows):
+      converted = work[:len(window)]
+      np.copyto(converted, window)
+      linear = np.einsum("npd,pd->np", converted, vectors)
+      yield np.arange(start, start + len(window), dtype=np.int64), linear
+
+  def _stage2(self, rows: np.ndarray, query) -> dict[str, np.ndarray]:
+    """{level: (len(rows),)} of the stage-2 levels, block by block (blocks padded to one shape: one compile)."""
+    out = {name: np.zeros(len(rows), np.float32) for name in self.snippet_levels}
+    if not self.snippet_levels:
+      return out
+    for start in range(0, len(rows), self.block_rows):
+      block = rows[start:start + self.block_rows]
+      data = self.store.read(block, self.fields)
+      pad = self.block_rows - len(block)
+      data = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in data.items()}
+      for name, value in jax.device_get(self._score_block(data, query)).items():
+        out[name][start:start + len(block)] = value[:len(block)]
+    return out
+
+  def _combine(self, linear: np.ndarray, snippet: dict[str, np.ndarray]):
+    levels = {name: linear[:, i] for i, name in enumerate(self.pooled_levels)}
+    levels.update(snippet)
+    levels = {name: levels[name] for name in self.level_order}
+    return np.asarray(similarity.combined_score(levels, self.lambdas), np.float32), levels
+
+  def _check_query(self, query):
+    layout = self.store.layout
+    expected = TextEmbeddings if self.task == "text" else AudioEmbeddings
+    if not isinstance(query, expected):
+      raise ValueError(f"{self.path} is a {self.task!r} index: it needs {expected.__name__} queries, "
+                       f"got {type(query).__name__}")
+    take = lambda x: np.asarray(x)[:1]
+    query = jax.tree_util.tree_map(take, query)
+    if isinstance(query, TextEmbeddings):
+      if query.sentence.shape[-1] != layout["dim"]:
+        raise ValueError(f"the query is {query.sentence.shape[-1]} wide, {self.path} holds {layout['dim']}")
+      # Padded words count for nothing, so the query keeps its real words in a few fixed widths (few compiles).
+      real = np.flatnonzero(query.word_mask[0])
+      width = min(query.words.shape[1], max(8, 1 << int(np.ceil(np.log2(real[-1] + 1 if real.size else 1)))))
+      return TextEmbeddings(query.sentence, query.words[:, :width], query.word_mask[:, :width])
+    if query.segments.shape[1:] != (layout["snippets"], layout["dim"]):
+      raise ValueError(f"the audio query is {query.segments.shape[1:]} (snippets, width); {self.path} holds "
+                       f"videos of {layout['snippets']} snippets, {layout['dim']} wide")
+    return query
+
+  # --- hits -----------------------------------------------------------------------------------------
+
+  def search(self, query, top_k: int = 5, candidates: int | None = 1000, threshold: float = 0.5) -> list[dict]:
+    """The top_k hits of row 0 of `query`, as `varcmp search --json` prints them (varcmp_jax.hits)."""
+    rows, combined, levels = self.rank(query, top_k, candidates)
+    data = self.store.read(rows, ("frames", "weights", "prior", "times", "mask"))
+    one = jax.tree_util.tree_map(lambda x: np.repeat(np.asarray(x)[:1], len(rows), axis=0), query)
+    video = VideoEmbeddings(frames=data["frames"].astype(np.float32), regions=None, mask=data["mask"], anomaly=None)
+    relevance = np.asarray(self._relevance(video, data["weights"], one))
+    metadata = self.store.metadata(rows)
+    return [hits_lib.hit(rank, row, combined[i], {name: v[i] for name, v in levels.items()}, relevance[i],
+                         data["prior"][i], data["mask"][i], data["times"][i], metadata[i], threshold)
+            for i, (rank, row) in enumerate(zip(range(1, len(rows) + 1), rows))]
+
+
+def _block_scorer(task: str, snippet_levels: tuple[str, ...], chunk_size: int):
+  """jit: (per-snippet fields of a block of videos, query) -> {level: (block,)} for the stage-2 levels."""
+  @jax.jit
+  def score(data, query):
+    video = VideoEmbeddings(frames=data.get("frames"), regions=data.get("regions"), mask=data["mask"], anomaly=None)
+    levels = similarity.level_similarities(video, data["weights"], query, task, chunk_size, snippet_levels)
+    return {name: value[0] for name, value in levels.items()}
+  return score

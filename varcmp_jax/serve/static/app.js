@@ -1,0 +1,234 @@
+// The search page: one query -> /api/search -> one card per hit (keyframes, scores, curves, key segments).
+// Plain DOM code, no dependencies; every text from the index goes in through textContent.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+const STRIP_FRAMES = 8;
+let info = null;
+
+function el(tag, props = {}, children = []) {
+  const node = document.createElement(tag);
+  Object.assign(node, props);
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  return node;
+}
+
+function setStatus(text, error = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", error);
+}
+
+// Seconds as the page shows them: up to two decimals (snippet edges often fall on quarter seconds).
+const sec = (x) => `${+x.toFixed(2)}`;
+
+function keyframeUrl(hit, slot) {
+  return `/api/keyframe/${hit.index}/${slot}`;
+}
+
+function videoUrl(name) {
+  return "/videos/" + name.split("/").map(encodeURIComponent).join("/");
+}
+
+// --- the player -----------------------------------------------------------------------------------
+
+function play(hit, seconds) {
+  if (!info.player) return;
+  const video = $("video");
+  const url = videoUrl(hit.video);
+  $("player").hidden = false;
+  $("now-playing").textContent = `#${hit.rank} ${hit.video} from ${sec(seconds)} s`;
+  const start = () => {
+    video.currentTime = seconds;
+    video.play().catch(() => {});
+  };
+  if (video.dataset.src === url && video.readyState >= 1) {
+    start();
+  } else {
+    video.dataset.src = url;
+    video.addEventListener("loadedmetadata", start, { once: true });
+    video.src = url;
+  }
+  $("player").scrollIntoView({ block: "nearest" });
+}
+
+$("close-player").addEventListener("click", () => {
+  $("video").pause();
+  $("player").hidden = true;
+});
+$("video").addEventListener("error", () => {
+  $("now-playing").textContent = "cannot play this video (not found under --videos, or a format this browser lacks)";
+});
+
+// --- one hit ----------------------------------------------------------------------------------------
+
+function niceStep(duration) {
+  for (const step of [0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600]) {
+    if (duration / step <= 8) return step;
+  }
+  return 7200;
+}
+
+function curves(hit, maxRel) {
+  // Relevance as bars over each snippet's interval (one scale for all hits: maxRel), the prior as a line
+  // (0..1), key segments shaded.
+  const width = 640, height = 112, top = 6, plotHeight = 86, left = 4, right = 4;
+  const duration = Math.max(hit.duration, 1e-6);
+  const x = (t) => left + (t / duration) * (width - left - right);
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "curves", role: "img",
+                            "aria-label": `relevance and prior of ${hit.video} over time` });
+  for (const segment of hit.segments) {
+    const rect = svg("rect", { class: "segment", x: x(segment.start), y: top,
+                               width: Math.max(2, x(segment.end) - x(segment.start)), height: plotHeight });
+    rect.append(svg("title"));
+    rect.lastChild.textContent = `key segment ${sec(segment.start)}-${sec(segment.end)} s: click to play`;
+    rect.addEventListener("click", (event) => { event.stopPropagation(); play(hit, segment.start); });
+    root.append(rect);
+  }
+  if (hit.event) {
+    root.append(svg("rect", { class: "event", x: x(hit.event[0]), y: top + 0.5,
+                              width: Math.max(1, x(hit.event[1]) - x(hit.event[0])), height: plotHeight - 1 }));
+  }
+  hit.snippet_times.forEach(([t0, t1], i) => {
+    const h = (Math.max(hit.relevance[i], 0) / maxRel) * (plotHeight - 4);
+    const w = Math.max(1, x(t1) - x(t0) - 1);
+    root.append(svg("rect", { class: "bar", x: x(t0) + 0.5, y: top + plotHeight - h, width: w, height: h }));
+  });
+  const points = hit.snippet_times.map(([t0, t1], i) =>
+    `${x((t0 + t1) / 2).toFixed(1)},${(top + plotHeight - hit.prior[i] * plotHeight).toFixed(1)}`);
+  root.append(svg("polyline", { class: "prior", points: points.join(" ") }));
+  root.append(svg("line", { class: "axis", x1: left, x2: width - right, y1: top + plotHeight, y2: top + plotHeight }));
+  const step = niceStep(duration);
+  for (let t = 0; t <= duration + 1e-9; t += step) {
+    const anchor = t === 0 ? "start" : x(t) > width - 24 ? "end" : "middle";
+    const label = svg("text", { x: x(t), y: height - 4, "text-anchor": anchor });
+    label.textContent = `${sec(t)} s`;
+    root.append(label);
+  }
+  if (info.player) {
+    root.style.cursor = "pointer";
+    root.addEventListener("click", (event) => {
+      const box = root.getBoundingClientRect();
+      const t = ((event.clientX - box.left) / box.width * width - left) / (width - left - right) * duration;
+      play(hit, Math.min(Math.max(t, 0), duration));
+    });
+  }
+  return root;
+}
+
+function strip(hit) {
+  const n = hit.snippet_times.length;
+  const count = Math.min(STRIP_FRAMES, n);
+  const row = el("div", { className: "strip" });
+  for (let j = 0; j < count; j++) {
+    const slot = Math.floor((j + 0.5) * n / count);
+    const start = hit.snippet_times[slot][0];
+    const figure = el("figure", { title: `snippet ${slot}, from ${sec(start)} s` }, [
+      el("img", { src: keyframeUrl(hit, slot), alt: `${hit.video} at ${sec(start)} s`, loading: "lazy" }),
+      el("figcaption", { textContent: `${sec(start)} s` })]);
+    figure.addEventListener("click", () => play(hit, start));
+    row.append(figure);
+  }
+  return row;
+}
+
+function hitCard(hit, maxRel) {
+  // The main keyframe: the peak of the strongest key segment, else the most relevant snippet.
+  const best = hit.segments.length ? hit.segments[0].peak_snippet
+                                   : hit.relevance.indexOf(Math.max(...hit.relevance));
+  const bestStart = hit.segments.length ? hit.segments[0].start : hit.snippet_times[best][0];
+  const thumb = el("img", { className: "thumb", src: keyframeUrl(hit, best),
+                            alt: `keyframe of ${hit.video}`, title: "keyframe at the strongest key segment" });
+  thumb.addEventListener("click", () => play(hit, bestStart));
+  const levels = el("div", { className: "levels" });
+  for (const [name, value] of Object.entries(hit.levels)) {
+    levels.append(`${name} `, el("b", { textContent: value.toFixed(3) }), "   ");
+  }
+  const segments = el("div", { className: "segments" }, ["key segments: "]);
+  if (!hit.segments.length) segments.append(el("span", { className: "none", textContent: "none (flat relevance)" }));
+  for (const segment of hit.segments) {
+    const button = el("button", { type: "button", textContent: `▶ ${sec(segment.start)}–${sec(segment.end)} s`,
+                                  title: info.player ? "play from here" : "start the server with --videos to play" });
+    button.addEventListener("click", () => { play(hit, segment.start); thumb.src = keyframeUrl(hit, segment.peak_snippet); });
+    segments.append(button);
+  }
+  const event = hit.event ? `event ${sec(hit.event[0])}–${sec(hit.event[1])} s · ` : "";
+  return el("li", { className: "hit" }, [
+    thumb,
+    el("div", { className: "body" }, [
+      el("div", { className: "title" }, [
+        el("span", { className: "rank", textContent: `#${hit.rank}` }),
+        el("span", { className: "name", textContent: hit.video }),
+        el("span", { className: "score", textContent: hit.score.toFixed(3), title: "combined score S = Σ λ_g S_g" }),
+        el("span", { className: "levels", textContent: `${event}${sec(hit.duration)} s long` })]),
+      el("div", { className: "caption", textContent: hit.caption || "" }),
+      levels,
+      curves(hit, maxRel),
+      strip(hit),
+      segments])]);
+}
+
+// --- searching --------------------------------------------------------------------------------------
+
+async function search(event) {
+  if (event) event.preventDefault();
+  const k = $("k").value;
+  let response;
+  const started = performance.now();
+  if (info.task === "text") {
+    const q = $("text").value.trim();
+    if (!q) { setStatus("type what to search for", true); return; }
+    history.replaceState(null, "", `?q=${encodeURIComponent(q)}&k=${k}`);
+    setStatus("searching…");
+    response = await fetch(`/api/search?q=${encodeURIComponent(q)}&k=${k}`);
+  } else {
+    const file = $("audio").files[0];
+    if (!file) { setStatus("choose an audio file (wav, flac, mp3, m4a or a video)", true); return; }
+    if (file.size > info.max_upload_bytes) {
+      setStatus(`${file.name} is larger than the server accepts (${(info.max_upload_bytes / 2 ** 20).toFixed(0)} MiB)`, true);
+      return;
+    }
+    const body = new FormData();
+    body.append("audio", file);
+    setStatus("uploading and searching…");
+    response = await fetch(`/api/search?k=${k}`, { method: "POST", body });
+  }
+  const result = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
+  if (!response.ok) {
+    setStatus(result.detail || `HTTP ${response.status}`, true);
+    return;
+  }
+  const maxRel = Math.max(1e-9, ...result.hits.flatMap((hit) => hit.relevance));
+  $("hits").replaceChildren(...result.hits.map((hit) => hitCard(hit, maxRel)));
+  $("legend").hidden = !result.hits.length;
+  const ms = Math.round(performance.now() - started);
+  setStatus(`${result.hits.length} hits for “${result.query}” among ${info.videos} videos (${ms} ms)`);
+}
+
+async function start() {
+  const response = await fetch("/api/info");
+  info = await response.json();
+  const sources = info.sources.map((s) => `${s.split} split of ${s.records.split("/").slice(-2).join("/")}`).join(", ");
+  $("info").textContent = `${info.videos} videos (${sources}) · ${info.task} model, step ${info.run.step}` +
+                          (info.player ? " · videos playable" : "");
+  if (info.task === "audio") {
+    $("text").hidden = true;
+    $("audio").hidden = false;
+  }
+  $("query").addEventListener("submit", search);
+  const params = new URLSearchParams(location.search);
+  if ([...$("k").options].some((option) => option.value === params.get("k"))) $("k").value = params.get("k");
+  if (info.task === "text" && params.get("q")) {
+    $("text").value = params.get("q");
+    search();
+  }
+  document.body.dataset.ready = "1";
+}
+
+start().catch((error) => setStatus(`cannot reach the server: ${error}`, true));
