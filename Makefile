@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/varcmp demo --workdir runs/demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q -n 2
 
 # Every benchmark at the size of the accelerator present (CPU sizes without one), rows appended to BENCHMARKS.md.
 bench: $(STAMP)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from varcmp_jax import config as config_lib
-from varcmp_jax.alignment import losses, similarity, weighting
+from varcmp_jax.alignment import losses, similarity
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
 
 B, T, R, L, D = 4, 6, 2, 5, 8

@@ -102,11 +102,22 @@ def level_and_combined_similarities(video, query, config: ml_collections.ConfigD
   count): each device scores every query against its own videos, eval.chunk_size at a time. Without
   region tokens (video.regions None) there is no spatial level (similarity.level_similarities).
   """
+  score, mesh = _gallery_scorer(config.to_json_best_effort(sort_keys=True))
+  num_videos = video.mask.shape[0]
+  pad = -num_videos % mesh.size
+  video = jax.tree_util.tree_map(lambda x: np.pad(np.asarray(x), [(0, pad)] + [(0, 0)] * (np.ndim(x) - 1)), video)
+  video = jax.device_put(video, NamedSharding(mesh, P("gallery")))
+  query = jax.device_put(query, NamedSharding(mesh, P()))
+  return {name: sim[:, :num_videos] for name, sim in jax.device_get(score(video, query)).items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _gallery_scorer(config_json: str):
+  """(jitted score(video, query), the gallery mesh over this host's devices), one per config: repeated
+  evaluations and searches reuse the compiled scorer."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
   devices = jax.local_devices()
   mesh = jax.make_mesh((len(devices),), ("gallery",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-  num_videos = video.mask.shape[0]
-  pad = -num_videos % len(devices)
-  video = jax.tree_util.tree_map(lambda x: np.pad(np.asarray(x), [(0, pad)] + [(0, 0)] * (np.ndim(x) - 1)), video)
 
   @jax.jit
   def score(video, query):
@@ -114,10 +125,7 @@ def level_and_combined_similarities(video, query, config: ml_collections.ConfigD
     weights = weighting.snippet_weights(prior, video.mask, config.weighting.beta, config.weighting.tau)
     sims = similarity.level_similarities(video, weights, query, config.task, config.eval.chunk_size, mesh=mesh)
     return {**sims, "combined": similarity.combined_score(sims, config.loss.levels)}
-
-  video = jax.device_put(video, NamedSharding(mesh, P("gallery")))
-  query = jax.device_put(query, NamedSharding(mesh, P()))
-  return {name: sim[:, :num_videos] for name, sim in jax.device_get(score(video, query)).items()}
+  return score, mesh
 
 
 def check_records(config: ml_collections.ConfigDict, split: str) -> None:

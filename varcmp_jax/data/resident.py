@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 
 from varcmp_jax.data import pipeline
 
+
 def as_float32(batch: dict) -> dict:
   """Float arrays stored narrower (float16, bfloat16) as float32, inside the consumer's jit (exact)."""
   return {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) and v.dtype != jnp.float32 else v

@@ -135,5 +135,6 @@ def main(argv: list[str]) -> int:
                      "command again to resume)") from None
   print(f"index {result['index']}: {result['videos']} videos ({result['added']} added from {result['records']}, "
         f"split {result['split']}), {result['bytes'] / 2**20:.1f} MiB\n"
-        f"search it: varcmp search --index {result['index']} --text \"...\"")
+        f"search it: varcmp search --index {result['index']} "
+        + ("--text \"...\"" if run.config.task == "text" else "--audio FILE"))
   return 0
