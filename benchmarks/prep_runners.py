@@ -1,4 +1,4 @@
-"""`varcmp prep` local multiprocessing vs `--runner beam` (DirectRunner, multi_processing), same videos and workers.
+"""`varcmp prep` local multiprocessing vs `--runner beam` (FnApiRunner, multi_processing), same videos and workers.
 
   python benchmarks/prep_runners.py                          # 200 synthetic videos, 2 workers, T=32, 96 px
   python benchmarks/prep_runners.py --videos 16 --workers 2 --image-size 224

@@ -1,7 +1,11 @@
-"""`varcmp prep --runner beam`: the prep job as an Apache Beam pipeline (DirectRunner, Dataflow, Flink, Spark).
+"""`varcmp prep --runner beam`: the prep job as an Apache Beam pipeline (this machine, Dataflow, Flink, Spark).
 
   varcmp prep --dataset folder --videos DIR --captions captions.csv --out RECORDS --runner beam \
-      --beam-options="--runner=DirectRunner --direct_num_workers=4 --direct_running_mode=multi_processing"
+      --beam-options="--runner=FnApiRunner --direct_num_workers=4 --direct_running_mode=multi_processing"
+
+On this machine the default is Beam's FnApiRunner, named directly: the DirectRunner (2.77) first fetches
+the Prism runner, a Go binary, from GitHub and runs the job there, which offline fails after a try (leaving
+a beam-temp folder in /tmp each time) and online runs an engine these tests never ran.
 
 The job is prep's (data_prep.prep.start_job: job.json, the shard plan, the journal; finish_job: the
 manifest, written last by this process once the pipeline is done). The pipeline covers the shards not yet
@@ -34,18 +38,18 @@ from tqdm import tqdm
 
 from data_prep import prep, row
 
-LOCAL_RUNNERS = ("DirectRunner", "direct", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "direct", "SwitchingDirectRunner", "BundleBasedDirectRunner")
 
 
 def pipeline_options(args) -> PipelineOptions:
-  """--beam-options as given, else a DirectRunner with --workers processes (0: in this process)."""
+  """--beam-options as given, else the FnApiRunner with --workers processes (0: in this process)."""
   if args.beam_options is not None:
     flags = shlex.split(args.beam_options)
   elif args.workers:
-    flags = ["--runner=DirectRunner", f"--direct_num_workers={args.workers}",
+    flags = ["--runner=FnApiRunner", f"--direct_num_workers={args.workers}",
              "--direct_running_mode=multi_processing", "--default_sdk_harness_log_level=WARNING"]
   else:
-    flags = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
+    flags = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
   return PipelineOptions(flags)
 
 
@@ -125,7 +129,7 @@ def _watch_journal(out_dir: str, sizes: dict[str, int], progress: tqdm, stop: th
 def run(job: prep.Job) -> int:
   """Runs the pending shards through Beam; 0, or 1 when the pipeline failed or was interrupted."""
   options = pipeline_options(job.args)
-  runner = options.view_as(StandardOptions).runner or "DirectRunner"
+  runner = options.view_as(StandardOptions).runner or "FnApiRunner"
   if runner not in LOCAL_RUNNERS and relative_paths(job.args):
     print(f"varcmp prep: --runner beam on {runner}: workers on other machines need absolute paths on a filesystem "
           f"they all mount (relative: {', '.join(relative_paths(job.args))})", file=sys.stderr)

@@ -221,11 +221,11 @@ def parse_args(argv):
                  help="split list files (name contains 'test' -> test split); default: the official lists next to --captions")
   p.add_argument("--shard-size", type=int, default=256, help="videos per shard")
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                 help="decoding processes; 0 = in this process (with --runner beam: the DirectRunner's workers)")
+                 help="decoding processes; 0 = in this process (with --runner beam: the FnApiRunner's workers)")
   p.add_argument("--runner", default="local", choices=("local", "beam"),
                  help="local: a multiprocessing pool; beam: an Apache Beam pipeline (pip install 'varcmp-jax[beam]')")
   p.add_argument("--beam-options", default=None, metavar="FLAGS",
-                 help="Beam pipeline options, given with '=': --beam-options='--runner=DirectRunner "
+                 help="Beam pipeline options, given with '=': --beam-options='--runner=FnApiRunner "
                       "--direct_num_workers=4 --direct_running_mode=multi_processing' (the default, with --workers); "
                       "Dataflow, Flink or Spark options (README)")
   p.add_argument("--overwrite", action="store_true", help="discard a previous job in --out instead of resuming it")

@@ -78,17 +78,26 @@ def text_embeddings(trainer, params, texts: list[str]):
                                     method=model.encode_query))
 
 
-def planted_text_records(trainer, params, texts: list[str], seed: int = 0, name: str = "video") -> list[dict]:
-  """One record per caption; snippets vary from 5 to 10 (the batches keep 8), the event is 1-2 snippets
-  carrying the caption's embeddings; every fifth video has no event interval (a normal video)."""
+def default_layout(count: int) -> list[tuple[int, list[int], bool]]:
+  """(stored snippets, event snippets, has an event interval) a video: snippets vary from 5 to 10 (the batches
+  keep 8), the event is 1-2 snippets, every fifth video has no event interval (a normal video)."""
+  layout = []
+  for g in range(count):
+    n = 5 + g % 6
+    layout.append((n, [g % (n - 1)] + ([g % (n - 1) + 1] if g % 2 else []), g % 5 != 4))
+  return layout
+
+
+def planted_text_records(trainer, params, texts: list[str], seed: int = 0, name: str = "video",
+                         layout=None) -> list[dict]:
+  """One record per caption, laid out by `layout` (default_layout); the event snippets carry the caption's
+  embeddings, the prior is high on them."""
   config = trainer.config
   text = text_embeddings(trainer, params, texts)
   rng = np.random.default_rng(seed)
   width, num_regions = config.model.clip.projection_dim, config.model.region_grid ** 2
   records = []
-  for g, caption in enumerate(texts):
-    n = 5 + g % 6
-    event_snippets = [g % (n - 1)] + ([g % (n - 1) + 1] if g % 2 else [])
+  for g, (caption, (n, event_snippets, has_event)) in enumerate(zip(texts, layout or default_layout(len(texts)))):
     features = 0.3 * rng.standard_normal((n, width))
     regions = 0.3 * rng.standard_normal((n, num_regions, width))
     prior = np.full(n, 0.05)
@@ -98,7 +107,6 @@ def planted_text_records(trainer, params, texts: list[str], seed: int = 0, name:
       regions[t, :len(words[:num_regions])] = words[:num_regions]
       prior[t] = 0.95
     times = np.stack([np.arange(n), np.arange(n) + 1], -1) * SNIPPET_SECONDS
-    has_event = g % 5 != 4
     event = [times[event_snippets[0], 0], times[event_snippets[-1], 1]] if has_event else [-1.0, -1.0]
     records.append(dict(
         video=f"{name}_{g}.mp4", caption=caption, tokens=clip.tokenizer()([caption])[0], label=np.int32(has_event),

@@ -46,7 +46,7 @@ def test_beam_equals_local_on_synthetic_videos(tmp_path):
   common = ["--dataset", "folder", "--videos", tmp_path / "videos", "--captions", tmp_path / "videos" / "captions.csv",
             "--snippets", 4, "--image-size", 24, "--shard-size", 2]
   assert run_prep(*common, "--out", tmp_path / "local", "--workers", 0) == 0
-  # The default Beam options: a DirectRunner with 2 worker processes (elements pickled across processes).
+  # The default Beam options: the FnApiRunner with 2 worker processes (elements pickled across processes).
   assert run_prep(*common, "--out", tmp_path / "beam", "--workers", 2, "--runner", "beam") == 0
   assert_same_job(tmp_path / "local", tmp_path / "beam")
   records = read_records(str(tmp_path / "beam"))
@@ -79,7 +79,7 @@ def test_beam_equals_local_on_broken_files_and_arrays(tmp_path, broken_inputs):
             "--shard-size", 2, "--workers", 0, "--visual-features", root / "features" / "{video}.npy",
             "--visual-clip-seconds", 0.5]
   assert run_prep(*common, "--out", tmp_path / "local") == 0
-  assert run_prep(*common, "--out", tmp_path / "beam", "--runner", "beam") == 0    # DirectRunner in this process
+  assert run_prep(*common, "--out", tmp_path / "beam", "--runner", "beam") == 0    # FnApiRunner in this process
   assert_same_job(tmp_path / "local", tmp_path / "beam")
   records = read_records(str(tmp_path / "beam"))
   assert [r["video"] for r in records["train"]] == ["good.mp4", "vidéo_ünï.mp4"]

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import search_fixtures as fixtures
-from varcmp_jax import clip
 from varcmp_jax import evaluate
 from varcmp_jax import search
 from varcmp_jax.index import build
@@ -30,30 +29,9 @@ LAYOUT = [(8, (3, 4), True), (6, (1, 2), True), (10, (4, 5), True), (8, (6, 7), 
 
 
 def caption_records(trainer, params, with_events: bool = True):
-  text = fixtures.text_embeddings(trainer, params, CAPTIONS)
-  rng = np.random.default_rng(0)
-  config = trainer.config
-  width, regions = config.model.clip.projection_dim, config.model.region_grid ** 2
-  records, events = [], []
-  for g, (n, event_snippets, has_event) in enumerate(LAYOUT):
-    has_event = has_event and with_events
-    features = 0.3 * rng.standard_normal((n, width))
-    region_tokens = 0.3 * rng.standard_normal((n, regions, width))
-    prior = np.full(n, 0.05)
-    words = text.words[g][text.word_mask[g]]
-    for t in event_snippets:
-      features[t] = text.sentence[g]
-      region_tokens[t, :] = words[:regions]
-      prior[t] = 0.95
-    times = np.stack([np.arange(n), np.arange(n) + 1], -1) * SNIPPET_SECONDS
-    event = [times[event_snippets[0], 0], times[event_snippets[-1], 1]] if has_event else [-1.0, -1.0]
-    events.append(event)
-    records.append(dict(
-        video=f"video_{g}.mp4", caption=CAPTIONS[g], tokens=clip.tokenizer()([CAPTIONS[g]])[0], label=np.int32(has_event),
-        duration=np.float32(n * SNIPPET_SECONDS), times=times.astype(np.float32),
-        event=np.asarray(event, np.float32), features=features.astype(np.float16),
-        regions=region_tokens.astype(np.float16), prior=prior.astype(np.float32)))
-  return records, events
+  layout = [(n, event_snippets, has_event and with_events) for n, event_snippets, has_event in LAYOUT]
+  records = fixtures.planted_text_records(trainer, params, CAPTIONS, layout=layout)
+  return records, [record["event"].tolist() for record in records]
 
 
 @pytest.fixture(scope="module")
