@@ -117,21 +117,25 @@ def planted_text_records(trainer, params, texts: list[str], seed: int = 0, name:
 
 
 def random_audio_records(config, count: int, seed: int = 0) -> list[dict]:
-  """Audio-task records: random features/regions/prior and random log-mel windows (no planted answer)."""
+  """Audio-task records: random features/regions/prior and random log-mel windows, or audio features for a
+  `features` audio tower (no planted answer)."""
   rng = np.random.default_rng(seed)
   width, num_regions, t = config.model.clip.projection_dim, config.model.region_grid ** 2, config.data.snippets
   audio = config.model.audio
   records = []
   for g in range(count):
     times = np.stack([np.arange(t), np.arange(t) + 1], -1) * SNIPPET_SECONDS
+    if audio.kind == "features":
+      query = dict(audio_features=rng.standard_normal((t, audio.feature_dim)).astype(np.float32))
+    else:
+      query = dict(mel=rng.normal(-2, 1, (t, audio.mel_frames, audio.mel_bins)).astype(np.float16))
     records.append(dict(
         video=f"clip_{g}.mp4", caption="", tokens=np.zeros(77, np.int32), label=np.int32(g % 2),
         duration=np.float32(t * SNIPPET_SECONDS), times=times.astype(np.float32),
         event=np.asarray([-1.0, -1.0], np.float32),
         features=rng.standard_normal((t, width)).astype(np.float16),
         regions=rng.standard_normal((t, num_regions, width)).astype(np.float16),
-        prior=rng.uniform(0, 1, t).astype(np.float32),
-        mel=rng.normal(-2, 1, (t, audio.mel_frames, audio.mel_bins)).astype(np.float16)))
+        prior=rng.uniform(0, 1, t).astype(np.float32), **query))
   return records
 
 

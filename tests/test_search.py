@@ -255,3 +255,63 @@ def test_audio_files_as_queries_end_to_end(audio_setup, capsys):
   assert indexed["query"] == f"audio of {wav}"
   assert [h["video"] for h in indexed["hits"]] == [h["video"] for h in hits]
   np.testing.assert_allclose([h["score"] for h in indexed["hits"]], [h["score"] for h in hits], atol=2e-3)
+
+
+# --- audio queries from pre-extracted features (model.audio.kind = "features", e.g. VGGish) ---------------
+
+
+def overlap_mean(rows: np.ndarray, clip_seconds: float, times: np.ndarray, steps: int = 200_000) -> np.ndarray:
+  """Independent reference: each snippet [a, b] is the mean of the piecewise-constant rows (row i over
+  [i S, (i+1) S]) at `steps` midpoints of [a, b] (a fine sum, not the running integral of the code)."""
+  rows, out = rows.astype(np.float64), []
+  for a, b in times:
+    t = a + (np.arange(steps) + 0.5) * (b - a) / steps
+    out.append(rows[np.minimum((t // clip_seconds).astype(int), len(rows) - 1)].mean(0))
+  return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def features_audio_setup(tmp_path_factory):
+  from varcmp_jax import trained
+  root = tmp_path_factory.mktemp("audio_features")
+  config = fixtures.tiny_config("audio")
+  config.model.audio.update(kind="features", feature_dim=12)
+  trainer, params = fixtures.save_run(str(root / "run"), config)
+  records = fixtures.write_records(root / "records", fixtures.random_audio_records(config, 6))
+  return trained.Trained(config, trainer, params, 1, str(root / "run")), records
+
+
+def test_audio_feature_arrays_as_queries(features_audio_setup, tmp_path, capsys):
+  run, records = features_audio_setup
+  rows = np.random.default_rng(0).standard_normal((23, 12)).astype(np.float32)    # 23 rows: 22.08 s at 0.96 s
+  path = tmp_path / "Bad.Boys.1995__#01-11-55_01-12-40_label_G-B2-B6__vggish.npy"   # glob characters in the id
+  np.save(path, rows)
+  model = run.model
+  encode = lambda features: jax.device_get(model.apply(
+      {"params": run.params}, {"audio_features": features[None], "mask": np.ones((1, 8), bool)},
+      method=model.encode_query)).segments[0]
+  for clip_seconds in (0.96, 0.5):
+    edges = np.linspace(0.0, 23 * clip_seconds, 9)
+    expected = encode(overlap_mean(rows, clip_seconds, np.stack([edges[:-1], edges[1:]], -1)).astype(np.float32))
+    query = search.QueryEncoder(run).audio_file(str(path), clip_seconds)
+    np.testing.assert_allclose(query.segments[0], expected, atol=1e-4)
+  # The command: --audio-clip-seconds reaches the encoder (0.5 s rows give another query than the default).
+  argv = ["--workdir", run.workdir, "--gallery", records, "--audio", str(path), "--top-k", "6", "--no-cache"]
+  default, half = run_json(capsys, argv)["hits"], run_json(capsys, argv + ["--audio-clip-seconds", "0.5"])["hits"]
+  assert len(default) == len(half) == 6
+  assert [h["score"] for h in default] != [h["score"] for h in half]
+
+
+def test_audio_feature_queries_say_what_is_wrong(features_audio_setup, tmp_path):
+  run, _ = features_audio_setup
+  encoder = search.QueryEncoder(run)
+  wav = fixtures.write_audio(tmp_path / "clip.wav", fixtures.tone_waveform(2.0))
+  np.save(tmp_path / "narrow.npy", np.zeros((10, 7), np.float32))
+  np.save(tmp_path / "nan.npy", np.full((10, 12), np.nan, np.float32))
+  np.save(tmp_path / "crops.npy", np.zeros((10, 5, 12), np.float32))
+  for path, message in [(wav, r"a \.npy array of them, \(N, 12\) rows"),
+                        (tmp_path / "narrow.npy", "7-d audio features; the model's audio tower takes 12-d"),
+                        (tmp_path / "nan.npy", "non-finite: nan.npy has 120 NaN"),
+                        (tmp_path / "crops.npy", r"misshapen: crops.npy has shape \(10, 5, 12\)")]:
+    with pytest.raises(ValueError, match=message):
+      encoder.audio_file(str(path))

@@ -286,6 +286,30 @@ def test_audio_upload_answers_what_the_cli_prints(tmp_path, capsys, monkeypatch)
     server.close()
 
 
+def test_feature_array_upload_for_a_model_on_audio_features(tmp_path, capsys, monkeypatch):
+  config = search_fixtures.tiny_config("audio")
+  config.model.audio.update(kind="features", feature_dim=12)      # e.g. VGGish (128) in the XD-Violence release
+  search_fixtures.save_run(tmp_path / "run", config)
+  records_dir = search_fixtures.write_records(tmp_path / "records", search_fixtures.random_audio_records(config, 6))
+  index = str(tmp_path / "index")
+  assert index_build.main(["--workdir", str(tmp_path / "run"), "--records", records_dir, "--out", index]) == 0
+  monkeypatch.chdir(tmp_path)
+  np.save("query__vggish.npy", np.random.default_rng(1).standard_normal((20, 12)).astype(np.float32))
+  server = Thread(app_lib.create_app(index, None, max_upload_bytes=MAX_UPLOAD, audio_clip_seconds=0.5))
+  try:
+    assert server.json("/api/info")[1]["audio_input"] == "features"
+    body, headers = multipart("audio", "query__vggish.npy", open("query__vggish.npy", "rb").read())
+    status, answer = server.json("/api/search?k=4&candidates=all", "POST", body=body, headers=headers)
+    assert status == 200, answer
+    assert answer == cli_json(capsys, ["--index", index, "--audio", "query__vggish.npy", "--audio-clip-seconds", "0.5",
+                                       "--top-k", "4", "--candidates", "all"])
+    body, headers = multipart("audio", "clip.wav", b"RIFF" + bytes(1000))
+    status, answer = server.json("/api/search", "POST", body=body, headers=headers)
+    assert status == 400 and ".npy array" in answer["detail"] and "clip.wav" in answer["detail"], answer
+  finally:
+    server.close()
+
+
 # --- the page in a real browser ------------------------------------------------------------------------
 
 

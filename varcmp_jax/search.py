@@ -23,6 +23,7 @@ Python (for a server: load the model and open the index once, then answer many q
 import argparse
 import copy
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from varcmp_jax.hits import interval_iou, key_segments
 CACHE_DIR = ".varcmp_cache"
 VIDEO_FIELDS = ("frames", "regions", "mask", "anomaly", "external_prior")
 DEFAULT_CANDIDATES = 1000
+VGGISH_CLIP_SECONDS = 0.96   # the hop of a VGGish row: the XD-Violence release's audio features
 
 
 @dataclasses.dataclass
@@ -110,7 +112,7 @@ class QueryEncoder:
   """A trained run's query tower, jitted once: many queries cost one tower call each.
 
   text(...) -> TextEmbeddings for a text-task run; audio_file(path) -> AudioEmbeddings for an audio-task run
-  with the spectrogram tower. Errors (blank text, the wrong kind of query, an undecodable file) are ValueErrors
+  (an audio or video file, or a .npy of pre-extracted features for a `features` tower). Errors (blank text, the wrong kind of query, an undecodable file) are ValueErrors
   with a one-line message.
   """
 
@@ -135,29 +137,58 @@ class QueryEncoder:
     from varcmp_jax import clip  # pylint: disable=g-import-not-at-top
     texts = [texts] if isinstance(texts, str) else list(texts)
     if self.config.task != "text":
-      raise ValueError(f"{self.run.workdir} is a {self.config.task!r} model: query it with --audio, not --text")
+      raise ValueError(f"{self.run.workdir} is an audio -> video model: query it with --audio FILE, not --text")
     if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
       raise ValueError("the text query is empty: give the words to search for")
     return jax.device_get(self._encode(self.run.params, {"tokens": clip.tokenizer()(texts)}))
 
-  def audio_file(self, path: str) -> AudioEmbeddings:
-    """The audio track of `path` (data_prep.decode.decode_audio) on the model's snippet grid, through the audio tower."""
-    from data_prep import decode  # pylint: disable=g-import-not-at-top
+  def audio_file(self, path: str, clip_seconds: float = VGGISH_CLIP_SECONDS) -> AudioEmbeddings:
+    """The query of an audio-task run, on the model's snippet grid, through the audio tower: the audio track of
+    `path` (data_prep.decode.decode_audio) for the spectrogram tower; for a tower on pre-extracted features
+    (model.audio.kind='features', e.g. VGGish), a .npy array of them, (N, D) rows of `clip_seconds` each,
+    resampled as `varcmp prep --audio-features` does."""
     config = self.config
     if config.task != "audio":
-      raise ValueError(f"{self.run.workdir} is a {config.task!r} model: query it with --text, not --audio")
-    audio = config.model.audio
-    if audio.kind != "spectrogram":
-      raise ValueError(f"{self.run.workdir}: the audio tower reads pre-extracted features (model.audio.kind="
-                       f"{audio.kind!r}), so it cannot embed the raw audio of {path}")
-    options = decode.DecodeOptions(snippets=config.data.snippets, audio="required", mel_bins=audio.mel_bins,
-                                   mel_frames=audio.mel_frames)
-    try:
-      decoded = decode.decode_audio(path, options)
-    except decode.DecodeError as e:
-      raise ValueError(str(e)) from None
-    batch = {"mel": decoded["mel"][None].astype(np.float32), "mask": np.ones((1, config.data.snippets), bool)}
-    return jax.device_get(self._encode(self.run.params, batch))
+      raise ValueError(f"{self.run.workdir} is a text -> video model: query it with --text, not --audio")
+    snippets = config.data.snippets
+    if config.model.audio.kind == "spectrogram":
+      batch = {"mel": _log_mel(path, config)[None]}
+    else:
+      batch = {"audio_features": _audio_features(path, config, clip_seconds)[None]}
+    return jax.device_get(self._encode(self.run.params, {**batch, "mask": np.ones((1, snippets), bool)}))
+
+
+def _log_mel(path: str, config) -> np.ndarray:
+  from data_prep import decode  # pylint: disable=g-import-not-at-top
+  audio = config.model.audio
+  options = decode.DecodeOptions(snippets=config.data.snippets, audio="required", mel_bins=audio.mel_bins,
+                                 mel_frames=audio.mel_frames)
+  try:
+    return decode.decode_audio(path, options)["mel"].astype(np.float32)
+  except decode.DecodeError as e:
+    raise ValueError(str(e)) from None
+
+
+def _audio_features(path: str, config, clip_seconds: float) -> np.ndarray:
+  """(T, D) from a .npy of (N, D) pre-extracted audio features, with prep's checks and resampling."""
+  from data_prep import decode, released  # pylint: disable=g-import-not-at-top
+  width = config.model.audio.feature_dim
+  if not path.endswith(".npy"):
+    raise ValueError(f"the audio tower reads pre-extracted {width}-d features (model.audio.kind='features'): "
+                     f"query it with a .npy array of them, (N, {width}) rows of --audio-clip-seconds each, not the "
+                     f"raw audio of {path}")
+  if not clip_seconds > 0:
+    raise ValueError(f"--audio-clip-seconds must be > 0 (got {clip_seconds})")
+  source = released.ArraySource("audio features", glob.escape(path), clip_seconds, crops=None)
+  try:
+    rows = released.load_rows(source, video="")
+  except released.ArrayError as e:
+    raise ValueError(f"{path}: {e.reason}") from None
+  if rows.shape[1] != width:
+    raise ValueError(f"{path}: {rows.shape[1]}-d audio features; the model's audio tower takes {width}-d ones "
+                     "(model.audio.feature_dim)")
+  times = decode.snippet_times(rows.shape[0] * clip_seconds, config.data.snippets)
+  return released.resample(rows, clip_seconds, times)
 
 
 def encode_text(run, texts: list[str]) -> TextEmbeddings:
@@ -326,9 +357,12 @@ def main(argv: list[str]) -> int:
   what = parser.add_mutually_exclusive_group(required=True)
   what.add_argument("--text", help="text query (text task)")
   what.add_argument("--audio", help="a file whose audio track is the query (audio task): wav, flac, mp3, m4a, "
-                                    "or a video")
+                                    "or a video; a .npy of (N, D) audio features for a model on pre-extracted "
+                                    "ones (model.audio.kind='features', e.g. the XD-Violence VGGish release)")
   what.add_argument("--localization", action="store_true",
                     help="--gallery: each record's own query over the split, localization hit rate (IoU > --iou)")
+  parser.add_argument("--audio-clip-seconds", type=float, default=VGGISH_CLIP_SECONDS,
+                      help="--audio ARRAY.npy: the seconds one row covers (default %(default)s, VGGish)")
   parser.add_argument("--split", default=None, help="gallery split (default: config.data.eval_split)")
   parser.add_argument("--top-k", type=int, default=5)
   parser.add_argument("--candidates", type=_candidates, default=DEFAULT_CANDIDATES,
@@ -379,7 +413,9 @@ def main(argv: list[str]) -> int:
 
 
 def _encode(encoder: QueryEncoder, args):
-  return encoder.text(args.text) if args.text is not None else encoder.audio_file(args.audio)
+  if args.text is not None:
+    return encoder.text(args.text)
+  return encoder.audio_file(args.audio, args.audio_clip_seconds)
 
 
 def _search_gallery(args) -> dict:

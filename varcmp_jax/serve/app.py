@@ -65,15 +65,21 @@ class Searcher:
   """The index and its run's query tower, opened once; `text(q, k, candidates)` / `audio(path, label, ...)`
   return the --json output of `varcmp search --index`."""
 
-  def __init__(self, index_path: str, workdir: str | None = None):
+  def __init__(self, index_path: str, workdir: str | None = None,
+               audio_clip_seconds: float = search_lib.VGGISH_CLIP_SECONDS):
     self.index = index_search.Index(index_path)
     self.encoder = search_lib.QueryEncoder.for_index(self.index, workdir)
     self.task = self.index.task
+    self.audio_clip_seconds = audio_clip_seconds
     self.lock = threading.Lock()
 
   def info(self) -> dict:
     manifest = self.index.manifest
-    return {"index": self.index.path, "task": self.task, "videos": len(self.index), "run": manifest["run"],
+    # What an audio query uploads: a file with an audio track, or a .npy of features for a `features` tower.
+    audio_input = (None if self.task != "audio" else
+                   "features" if self.encoder.config.model.audio.kind == "features" else "file")
+    return {"index": self.index.path, "task": self.task, "audio_input": audio_input, "videos": len(self.index),
+            "run": manifest["run"],
             "levels": self.index.lambdas,
             "sources": [{"records": s["records"], "split": s["split"], "videos": s["videos"]}
                         for s in manifest["sources"]]}
@@ -85,7 +91,7 @@ class Searcher:
 
   def audio(self, path: str, label: str, top_k: int, candidates: int | None) -> dict:
     with self.lock:
-      query = self.encoder.audio_file(path)
+      query = self.encoder.audio_file(path, self.audio_clip_seconds)
       return {"query": label, **search_lib.index_output(self.index, query, top_k, candidates)}
 
   def warm_up(self, top_k: int = 10):
@@ -113,10 +119,11 @@ def _top_k(value: str | None) -> int:
 
 
 def create_app(index_path: str, videos: str | None = None, workdir: str | None = None,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, warm_up: bool = True) -> fastapi.FastAPI:
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, warm_up: bool = True,
+               audio_clip_seconds: float = search_lib.VGGISH_CLIP_SECONDS) -> fastapi.FastAPI:
   """The app over the index at `index_path` (errors opening it are ValueError / FileNotFoundError, one line)."""
   folder = media.VideoFolder(videos) if videos else None
-  searcher = Searcher(index_path, workdir)
+  searcher = Searcher(index_path, workdir, audio_clip_seconds)
   keyframes = media.Keyframes(searcher.index, folder)
   if warm_up:
     searcher.warm_up()

@@ -23,11 +23,14 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
   parser.add_argument("--port", type=int, default=8000)
   parser.add_argument("--max-upload-mb", type=float, default=50, help="largest audio upload accepted")
+  parser.add_argument("--audio-clip-seconds", type=float, default=0.96,
+                      help="a model on pre-extracted audio features: the seconds a row of an uploaded .npy covers "
+                           "(default %(default)s, VGGish)")
   args = parser.parse_args(argv)
   if not 0 <= args.port <= 65535:
     parser.error(f"--port {args.port}: not a TCP port (0-65535)")
-  if not args.max_upload_mb > 0:
-    parser.error("--max-upload-mb must be > 0")
+  if not args.max_upload_mb > 0 or not args.audio_clip_seconds > 0:
+    parser.error("--max-upload-mb and --audio-clip-seconds must be > 0")
 
   # Bind first: a busy port fails at once, before the model loads, and the printed address is the real one.
   listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -41,7 +44,8 @@ def main(argv: list[str]) -> int:
   import uvicorn  # pylint: disable=g-import-not-at-top
   from varcmp_jax.serve import app as app_lib  # pylint: disable=g-import-not-at-top
   try:
-    app = app_lib.create_app(args.index, args.videos, args.workdir, int(args.max_upload_mb * 2**20))
+    app = app_lib.create_app(args.index, args.videos, args.workdir, int(args.max_upload_mb * 2**20),
+                             audio_clip_seconds=args.audio_clip_seconds)
   except (FileNotFoundError, KeyError, ValueError) as e:
     raise SystemExit(f"varcmp serve: {e}") from None
   info = app.state.searcher.info()

@@ -189,7 +189,11 @@ async function search(event) {
     response = await fetch(`/api/search?q=${encodeURIComponent(q)}&k=${k}`);
   } else {
     const file = $("audio").files[0];
-    if (!file) { setStatus("choose an audio file (wav, flac, mp3, m4a or a video)", true); return; }
+    if (!file) {
+      setStatus(info.audio_input === "features" ? "choose a .npy of the model's audio features (N, D)"
+                                                : "choose an audio file (wav, flac, mp3, m4a or a video)", true);
+      return;
+    }
     if (file.size > info.max_upload_bytes) {
       setStatus(`${file.name} is larger than the server accepts (${(info.max_upload_bytes / 2 ** 20).toFixed(0)} MiB)`, true);
       return;
@@ -220,6 +224,7 @@ async function start() {
   if (info.task === "audio") {
     $("text").hidden = true;
     $("audio").hidden = false;
+    if (info.audio_input === "features") $("audio").accept = ".npy";
   }
   $("query").addEventListener("submit", search);
   const params = new URLSearchParams(location.search);
