@@ -17,42 +17,44 @@ RECALLS = (1, 5, 10)
 TIES = ("expected", "optimistic")
 
 
-def _above_and_tied(sim) -> tuple[np.ndarray, np.ndarray]:
-  """(h, t) per row: gallery items strictly above the diagonal entry, and the others equal to it."""
+def _above_and_tied(sim, ties: str) -> tuple[np.ndarray, np.ndarray]:
+  """(h, t) per row: gallery items strictly above the diagonal entry, and the others equal to it (t = 0 under
+  ties="optimistic": the ground truth comes first among its ties)."""
+  if ties not in TIES:
+    raise ValueError(f"ties={ties!r}: must be one of {TIES}")
   sim = np.asarray(sim, dtype=np.float64)
   if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
     raise ValueError(f"retrieval metrics need a square (N, N) similarity matrix, got shape {sim.shape}")
   if not np.all(np.isfinite(sim)):
     raise ValueError(f"similarity matrix has {int(np.sum(~np.isfinite(sim)))} non-finite entries")
   truth = np.diagonal(sim)[:, None]
-  return np.sum(sim > truth, axis=1), np.sum(sim == truth, axis=1) - 1
+  above, tied = np.sum(sim > truth, axis=1), np.sum(sim == truth, axis=1) - 1
+  return above, (tied if ties == "expected" else np.zeros_like(tied))
 
 
-def _check_ties(ties: str):
-  if ties not in TIES:
-    raise ValueError(f"ties={ties!r}: must be one of {TIES}")
+def _ranks(above: np.ndarray, tied: np.ndarray) -> np.ndarray:
+  return 1.0 + above + tied / 2.0
+
+
+def _recall(above: np.ndarray, tied: np.ndarray, k: int) -> float:
+  return float(100.0 * np.mean(np.clip((k - above) / (tied + 1.0), 0.0, 1.0)))
 
 
 def ground_truth_ranks(sim, ties: str = "expected") -> np.ndarray:
   """(N,) 1-based rank of each row's diagonal entry: 1 + h + t/2 (expected) or 1 + h (optimistic)."""
-  _check_ties(ties)
-  above, tied = _above_and_tied(sim)
-  return 1.0 + above + (tied / 2.0 if ties == "expected" else 0.0)
+  return _ranks(*_above_and_tied(sim, ties))
 
 
 def recall_at(sim, k: int, ties: str = "expected") -> float:
   """R@k in %: the mean over rows of P(ground truth in the top k)."""
-  _check_ties(ties)
-  above, tied = _above_and_tied(sim)
-  if ties == "optimistic":
-    tied = np.zeros_like(tied)
-  return float(100.0 * np.mean(np.clip((k - above) / (tied + 1.0), 0.0, 1.0)))
+  return _recall(*_above_and_tied(sim, ties), k)
 
 
 def retrieval_metrics(sim, ties: str = "expected") -> dict[str, float]:
   """{"R1", "R5", "R10", "MdR", "MnR"} of the row direction (queries = rows)."""
-  ranks = ground_truth_ranks(sim, ties)
-  metrics = {f"R{k}": recall_at(sim, k, ties) for k in RECALLS}
+  above, tied = _above_and_tied(sim, ties)
+  ranks = _ranks(above, tied)
+  metrics = {f"R{k}": _recall(above, tied, k) for k in RECALLS}
   metrics["MdR"] = float(np.median(ranks))
   metrics["MnR"] = float(np.mean(ranks))
   return metrics

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.models.clip import modeling_clip
 
-from varcmp_jax.config import TASK_LEVELS
+from varcmp_jax.config import TASK_LEVELS, video_feature_dim
 
 CLIP_DIR = "clip"
 HEADS_FILE = "varcmp_heads.safetensors"
@@ -118,6 +118,7 @@ class TemporalAdapter(nn.Module):
   def forward(self, g, mask):
     if g.shape[1] > self.pos_embedding.shape[0]:
       raise ValueError(f"temporal adapter: {g.shape[1]} snippets exceed max_len={self.pos_embedding.shape[0]}")
+    g = torch.where(mask[..., None], g, torch.zeros((), dtype=g.dtype))   # padding (NaN, inf) must not reach f_t
     x = g + self.pos_embedding[:g.shape[1]]
     for i in range(self.num_layers):
       x = getattr(self, f"block{i}")(x, mask)
@@ -233,7 +234,7 @@ class VarCMPTorch(nn.Module):
     temporal = dict(num_layers=m["temporal"]["num_layers"], num_heads=m["temporal"]["num_heads"],
                     mlp_ratio=m["temporal"]["mlp_ratio"], max_len=m["temporal"]["max_len"])
     self.clip = clip
-    video_dim = int((m.get("video_features") or {}).get("dim", 0))   # 0 in exports from before the field
+    video_dim = video_feature_dim(m)
     if self.regime == "features" and video_dim:
       self.video_projection = FeatureProjection(video_dim, width)
     self.temporal = TemporalAdapter(width, **temporal)
@@ -295,7 +296,7 @@ class VarCMPTorch(nn.Module):
       if hasattr(self, "video_projection"):
         g = self.video_projection(g)
         r = None if r is None else self.video_projection(r)
-    f = self.temporal(torch.where(mask[..., None], g, torch.zeros(())), mask)
+    f = self.temporal(g, mask)
     zero = torch.zeros(())
     video = dict(frames=f, regions=None if r is None else torch.where(mask[..., None, None], r, zero), mask=mask,
                  anomaly=torch.where(mask, self.anomaly_head(f), zero), external_prior=None)
@@ -365,19 +366,21 @@ class VarCMPTorch(nn.Module):
   def _spatial(self, video, query, w, chunk):
     """S_spa over blocks of `chunk` videos: O(chunk) memory over the gallery."""
     regions = _normalize(video["regions"]) * video["mask"][..., None, None]                # (G, T, R, D)
+    if self.task == "text":
+      words = _normalize(query["words"], query["word_mask"])
+      valid = query["word_mask"][:, None, None, None, :]
+    else:
+      u = _normalize(query["segments"], query["mask"])
     spatial = []
     for start in range(0, regions.shape[0], chunk):
       block, weights = regions[start:start + chunk], w[start:start + chunk]
       if self.task == "text":
-        words = _normalize(query["words"], query["word_mask"])
         cos = torch.einsum("gtkd,qld->qgtkl", block, words)
-        valid = query["word_mask"][:, None, None, None, :]
         words_to_regions = (cos.amax(3) * valid[:, :, :, 0]).sum(-1) / valid.sum(-1)[:, :, :, 0].clamp(min=1)
         regions_to_words = cos.masked_fill(~valid, -torch.inf).amax(-1).mean(-1)
         regions_to_words = torch.where(valid.any(-1)[..., 0], regions_to_words, torch.zeros(()))
         spatial.append(torch.einsum("gt,qgt->qg", weights, 0.5 * (words_to_regions + regions_to_words)))
       else:
-        u = _normalize(query["segments"], query["mask"])
         spatial.append(torch.einsum("gt,qgt->qg", weights, torch.einsum("gtkd,qtd->qgtk", block, u).amax(-1)))
     return torch.cat(spatial, dim=1)
 

@@ -58,6 +58,14 @@ class SpectrogramTower(nn.Module):
                            name="temporal")(u, mask)
 
 
+def feature_mlp(x, width: int, dtype, param_dtype):
+  """Pre-extracted features -> the joint space: LayerNorm -> Dense -> GELU -> Dense. Call it inside an
+  `nn.compact` method: its layers (`norm`, `fc1`, `fc2`) belong to the caller."""
+  dense = lambda name: nn.Dense(width, dtype=dtype, param_dtype=param_dtype, name=name)
+  x = nn.LayerNorm(dtype=dtype, param_dtype=param_dtype, name="norm")(x.astype(dtype))
+  return dense("fc2")(nn.gelu(dense("fc1")(x)))
+
+
 class FeatureTower(nn.Module):
   """(B, T, F) pre-extracted audio features + (B, T) mask -> (B, T, D) u_t, zero on padded snippets."""
   feature_dim: int
@@ -71,9 +79,7 @@ class FeatureTower(nn.Module):
     if features.ndim != 3 or features.shape[-1] != self.feature_dim:
       raise ValueError(f"audio features tower expects batch['audio_features'] of shape (B, T, "
                        f"{self.feature_dim}) (config.model.audio.feature_dim), got {features.shape}")
-    dense = lambda name: nn.Dense(self.projection_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(features.astype(self.dtype))
-    x = dense("fc2")(nn.gelu(dense("fc1")(x)))
+    x = feature_mlp(features, self.projection_dim, self.dtype, self.param_dtype)
     return TemporalAdapter(**self.temporal, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="temporal")(x.astype(jnp.float32), mask)
 

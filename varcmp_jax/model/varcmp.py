@@ -58,9 +58,7 @@ class FeatureProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda name: nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x.astype(self.dtype))
-    return dense("fc2")(nn.gelu(dense("fc1")(x))).astype(jnp.float32)
+    return audio_lib.feature_mlp(x, self.width, self.dtype, self.param_dtype).astype(jnp.float32)
 
 
 def clip_config(model_cfg) -> clip_model.CLIPConfig:
@@ -142,14 +140,15 @@ class VarCMP(nn.Module):
       g = jnp.asarray(_require(batch, "features", "features regime"), jnp.float32)
       r = None if batch.get("regions") is None else jnp.asarray(batch["regions"], jnp.float32)
       width, regions = config_lib.stored_video_width(self.model_cfg), self.model_cfg.region_grid ** 2
-      field = "video_features.dim" if config_lib.video_feature_dim(self.model_cfg) else "clip.projection_dim"
+      projected = bool(config_lib.video_feature_dim(self.model_cfg))
+      field = "video_features.dim" if projected else "clip.projection_dim"
       if g.ndim != 3 or g.shape[-1] != width:
         raise ValueError(f"VarCMP: features regime needs batch['features'] (B, T, {width}) "
                          f"(config.model.{field}), got {g.shape}")
       if r is not None and r.shape != (*g.shape[:2], regions, width):
         raise ValueError(f"VarCMP: batch['regions'] must be (B, T, {regions}, {width}) (config.model.region_grid**2, "
                          f"{field}), got {r.shape}")
-      if config_lib.video_feature_dim(self.model_cfg):
+      if projected:
         g = self.video_projection(g)
         r = None if r is None else self.video_projection(r)
     if mask.shape != g.shape[:2]:
