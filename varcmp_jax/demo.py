@@ -35,22 +35,21 @@ def stage(number: int, text: str):
   print(f"[{number}/{STAGES}] {text}", flush=True)
 
 
-def search_example(run, videos: pathlib.Path, records_dir: str, split: str, top_k: int) -> str:
-  """`varcmp search` for the first anomalous test video: its caption (text task) or its soundtrack (audio
-  task) as the query; returns the printable table and the ground truth."""
+def search_example(run, videos: pathlib.Path, records_dir: str, split: str, metadata: list[dict], top_k: int) -> str:
+  """`varcmp search` for the first anomalous test video (`metadata`: the split's): its caption (text task) or
+  its soundtrack (audio task) as the query; returns the printable table and the ground truth."""
   from varcmp_jax import search
-  from varcmp_jax.data import pipeline
 
-  metadata = pipeline.load_split_metadata(records_dir, split)
   target = next((i for i, m in enumerate(metadata) if m["label"] == 1), 0)
   gallery = search.load_gallery(run, records_dir, split)
+  encoder = search.QueryEncoder(run)
   if run.config.task == "text":
     label = metadata[target]["caption"]
-    query = search.encode_text(run, [label])
+    query = encoder.text([label])
   else:
     path = videos / metadata[target]["video"]
     label = f"audio of {path.name}"
-    query = search.encode_audio_file(run, str(path))
+    query = encoder.audio_file(str(path))
   hits = search.search(run, gallery, query, top_k)
   event = metadata[target]["event"]
   return (search.format_table(hits, label) +
@@ -129,8 +128,9 @@ def main(argv: list[str]) -> int:
   stage(5, "search")
   split = config.data.eval_split
   print()
-  print(search_example(run_state, videos, str(records_dir), split, args.top_k))
-  gallery = pipeline.split_size(str(records_dir), split)
+  metadata = pipeline.load_split_metadata(str(records_dir), split)
+  print(search_example(run_state, videos, str(records_dir), split, metadata, args.top_k))
+  gallery = len(metadata)
   forward = next(iter(metrics.directions(result)))
   chance = 100 / gallery
   print()
@@ -139,6 +139,6 @@ def main(argv: list[str]) -> int:
   print(f"{forward} R@1 = {result[forward]['R1']:.1f}%, {result[forward]['R1'] / chance:.1f} times chance")
   print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {time.time() - start:.0f}s")
   print(f"workdir: {root} (eval.json, metrics.jsonl, tensorboard/ under {run})")
-  example = pipeline.load_split_metadata(str(records_dir), split)[0]["video"]
-  print("\nnext:\n" + "\n".join(f"  {line}" for line in next_steps(args.task, root, records_dir, run, videos, example)))
+  print("\nnext:\n" + "\n".join(f"  {line}" for line in next_steps(args.task, root, records_dir, run, videos,
+                                                                     metadata[0]["video"])))
   return 0

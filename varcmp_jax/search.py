@@ -21,7 +21,6 @@ Python (for a server: load the model and open the index once, then answer many q
   body = index_output(index, encoder.audio_file("clip.wav"), top_k=10)          # --json, but "query"
 """
 import argparse
-import copy
 import dataclasses
 import glob
 import hashlib
@@ -58,27 +57,18 @@ class Gallery:
 # --- gallery -------------------------------------------------------------------------------------------
 
 
-def _with_records(config, records: str):
-  config = copy.deepcopy(config)
-  config.data.records = records
-  config.data.worker_count = 0
-  return config
-
-
 def cache_key(run, records: str, split: str) -> str:
   """Hash of what the gallery embeddings depend on: workdir, checkpoint step, config and the records."""
-  manifest = os.path.join(records, "manifest.json")
-  with open(manifest, "rb") as f:
-    manifest_hash = hashlib.sha256(f.read()).hexdigest()
   key = json.dumps({"workdir": os.path.realpath(run.workdir), "step": run.step, "split": split,
-                    "config": json.loads(run.config.to_json_best_effort()), "manifest": manifest_hash},
+                    "config": json.loads(run.config.to_json_best_effort()),
+                    "manifest": pipeline.manifest_sha256(records)},
                    sort_keys=True)
   return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def slot_times(metadata: list[dict], snippets: int) -> np.ndarray:
   """(G, T, 2) seconds of the record snippet behind each batch slot (the pipeline pads or subsamples)."""
-  return np.stack([hits_lib.slot_times(meta["times"], snippets) for meta in metadata]).reshape(-1, snippets, 2)
+  return np.stack([hits_lib.slot_times(meta["times"], snippets) for meta in metadata])
 
 
 def load_gallery(run, records: str, split: str, use_cache: bool = True) -> Gallery:
@@ -90,7 +80,7 @@ def load_gallery(run, records: str, split: str, use_cache: bool = True) -> Galle
     with np.load(path) as cached:
       fields = {k: cached[k] if k in cached else None for k in VIDEO_FIELDS}
     return Gallery(VideoEmbeddings(**fields), metadata, times, path, True)
-  video = evaluate.embed_split(run.trainer, run.params, split, _with_records(run.config, records),
+  video = evaluate.embed_split(run.trainer, run.params, split, pipeline.reading(run.config, records),
                                "encode_video")
   if not use_cache:
     return Gallery(video, metadata, times, None, False)
@@ -191,14 +181,6 @@ def _audio_features(path: str, config, clip_seconds: float) -> np.ndarray:
   return released.resample(rows, clip_seconds, times)
 
 
-def encode_text(run, texts: list[str]) -> TextEmbeddings:
-  return QueryEncoder(run).text(texts)
-
-
-def encode_audio_file(run, path: str) -> AudioEmbeddings:
-  return QueryEncoder(run).audio_file(path)
-
-
 # --- scoring and key segments --------------------------------------------------------------------------
 
 
@@ -234,7 +216,7 @@ def localization_hit_rate(run, gallery: Gallery, records: str, split: str, iou: 
   """Every record's own caption (or audio) as the query. Among the queries whose own video is the top hit
   and has an event interval: the share whose strongest key segment overlaps the event with IoU > `iou`
   ("hit_rate"). The same over every video with an event, whatever its rank ("hit_rate_all_events")."""
-  query = evaluate.embed_split(run.trainer, run.params, split, _with_records(run.config, records),
+  query = evaluate.embed_split(run.trainer, run.params, split, pipeline.reading(run.config, records),
                                "encode_query")
   levels, weights = score(run.config, gallery.video, query)
   own = np.arange(len(gallery.metadata))
@@ -387,8 +369,8 @@ def main(argv: list[str]) -> int:
     parser.error("--text is empty: give the words to search for")
   if args.audio is not None and not os.path.isfile(args.audio):
     parser.error(f"--audio {args.audio}: file not found")
-  if args.plot and _check_plot_path(args.plot):
-    parser.error(_check_plot_path(args.plot))
+  if args.plot and (problem := _check_plot_path(args.plot)):
+    parser.error(problem)
   label = args.text if args.text is not None else f"audio of {args.audio}"
 
   try:

@@ -11,6 +11,8 @@ Training checkpoints the iterator with Orbax next to the model:
 With `config.data.worker_count > 0` records are decoded in spawned worker processes: the transforms below
 are module-level classes so they pickle, and scripts need an `if __name__ == "__main__":` guard.
 """
+import copy
+import hashlib
 import json
 import math
 import pathlib
@@ -57,6 +59,19 @@ def read_manifest(records_dir: str) -> dict[str, Any]:
       raise ValueError(f"{path}: split {name!r} must be {{\"records\": int, \"shards\": [str, ...]}}, "
                        f"got {str(split)[:200]}")
   return manifest
+
+
+def manifest_sha256(records_dir: str) -> str:
+  """The hash of DIR/manifest.json: what caches and indexes of the records check they were built from."""
+  with open(pathlib.Path(records_dir) / "manifest.json", "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def reading(config, records_dir: str):
+  """A copy of `config` that reads `records_dir` in this process (no Grain workers)."""
+  config = copy.deepcopy(config)
+  config.data.records, config.data.worker_count = records_dir, 0
+  return config
 
 
 def split_entry(records_dir: str, split: str) -> dict[str, Any]:
@@ -145,7 +160,7 @@ class DecodeAndFit(grain.transforms.Map):
                audio_kind: str = "spectrogram", regions: bool = True, cast: bool = True):
     if regime not in VIDEO_KEYS:
       raise ValueError(f"config.regime must be one of {sorted(VIDEO_KEYS)}, got {regime!r}")
-    self.regime, self.task, self.snippets, self.records_dir, self.cast = regime, task, snippets, records_dir, cast
+    self.snippets, self.records_dir, self.cast = snippets, records_dir, cast
     self.video_keys = [k for k in VIDEO_KEYS[regime] if regions or k != "regions"]
     self.audio_keys = [AUDIO_KEYS[audio_kind]] if task == "audio" else []
     # The external prior travels only when config.prior.source reads it, so a missing one is an error
@@ -291,11 +306,12 @@ def make_eval_iterator(config, split: str, batch_size: int, *,
   return EvalBatches(config, split, batch_size, _shard_options(shard_index, shard_count, drop_remainder=False))
 
 
-def load_split_metadata(records_dir: str, split: str) -> list[dict[str, Any]]:
-  """Per-record metadata (video, caption, label, duration, times, event) in split order (= batch "index")."""
+def load_split_metadata(records_dir: str, split: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+  """Per-record metadata (video, caption, label, duration, times, event) in split order (= batch "index"), of
+  the records [start, stop) (default: all)."""
   source = IndexedSource(records_dir, split)
   metadata = []
-  for i in range(len(source)):
+  for i in range(start, len(source) if stop is None else stop):
     record = records.decode_record(source[i][1])
     missing = [k for k in METADATA_KEYS if k not in record]
     if missing:

@@ -10,8 +10,6 @@ after a kill resumes at the first slice not committed; --append adds another rec
 embedded by the same run and checkpoint. Runs in one process on its local devices.
 """
 import argparse
-import copy
-import hashlib
 import json
 import math
 import os
@@ -20,7 +18,7 @@ import jax
 import tqdm
 
 from varcmp_jax import evaluate, hits
-from varcmp_jax.data import pipeline, records as records_lib
+from varcmp_jax.data import pipeline
 from varcmp_jax.index import levels as levels_lib
 from varcmp_jax.index import store
 
@@ -34,32 +32,17 @@ def header(run) -> dict:
           "pooled_levels": list(levels_lib.POOLED_LEVELS[config.task])}
 
 
-def fingerprint(records: str) -> str:
-  with open(os.path.join(records, "manifest.json"), "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
 def slice_metadata(records: str, split: str, start: int, stop: int, snippets: int) -> list[dict]:
   """video, caption, label, duration, event and slot times of the records [start, stop) of the split."""
-  source = pipeline.IndexedSource(records, split)
-  out = []
-  for i in range(start, stop):
-    record = records_lib.decode_record(source[i][1])
-    missing = [k for k in pipeline.METADATA_KEYS if k not in record]
-    if missing:
-      raise KeyError(f"{records}: record {i} of split {split!r} has no {missing}")
-    out.append({"video": str(record["video"]), "caption": str(record["caption"]), "label": int(record["label"]),
-                "duration": float(record["duration"]), "event": [float(x) for x in record["event"]],
-                "times": hits.slot_times(record["times"], snippets)})
-  return out
+  return [{**meta, "event": [float(x) for x in meta["event"]], "times": hits.slot_times(meta["times"], snippets)}
+          for meta in pipeline.load_split_metadata(records, split, start, stop)]
 
 
 def build(run, records: str, out: str, split: str, append: bool = False, shard_size: int = 1024) -> dict:
   """Embeds `split` of `records` with `run` into the index `out` (created, resumed or appended to)."""
   if jax.process_count() > 1:
     raise ValueError("varcmp index runs in one process (it uses every local device); start it on one host")
-  config = copy.deepcopy(run.config)
-  config.data.records, config.data.worker_count = records, 0
+  config = pipeline.reading(run.config, records)
   total = pipeline.split_size(records, split)
   if not total:
     raise ValueError(f"{records}: split {split!r} has no records")
@@ -71,7 +54,7 @@ def build(run, records: str, out: str, split: str, append: bool = False, shard_s
   with store.IndexWriter(out, header(run), append) as writer:
     before = writer.videos
     source = writer.add_source({"records": os.path.realpath(records), "split": split,
-                                "fingerprint": fingerprint(records), "videos": total,
+                                "fingerprint": pipeline.manifest_sha256(records), "videos": total,
                                 "slices": math.ceil(total / shard_size)}, append)
     slices = writer.manifest["sources"][source]["slices"]     # as first written, when resuming
     pending = writer.pending_slices(source)
@@ -98,8 +81,8 @@ def build(run, records: str, out: str, split: str, append: bool = False, shard_s
 
 
 def _check_levels(manifest: dict, arrays: dict):
-  known = manifest["pooled_levels"] + list(levels_lib.snippet_levels(manifest["task"], arrays["regions"] is not None))
-  missing = [name for name, weight in manifest["levels"].items() if weight and name not in known]
+  missing = levels_lib.unscorable(manifest["levels"], manifest["task"], manifest["pooled_levels"],
+                                  arrays["regions"] is not None)
   if missing:
     raise ValueError(f"the model gives no region tokens, so levels {missing} cannot be indexed; they need "
                      "loss.levels.<level>=0")

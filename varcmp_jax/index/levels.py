@@ -25,6 +25,12 @@ def snippet_levels(task: str, has_regions: bool) -> tuple[str, ...]:
   return levels + (("spatial",) if has_regions else ())
 
 
+def unscorable(lambdas: dict, task: str, pooled_levels, has_regions: bool) -> list[str]:
+  """The levels with a weight that neither stage can score (the spatial level of a model without regions)."""
+  known = tuple(pooled_levels) + snippet_levels(task, has_regions)
+  return [name for name, weight in lambdas.items() if weight and name not in known]
+
+
 def snippet_weights(video: VideoEmbeddings, config) -> tuple[jax.Array, jax.Array]:
   """(prior, w_t), each (B, T), as `varcmp eval` weights the snippets."""
   prior = weighting.prior(video, config.prior)

@@ -59,7 +59,7 @@ class Index:
     self.pooled_levels = tuple(manifest["pooled_levels"])
     self.snippet_levels = levels_lib.snippet_levels(self.task, layout["regions"] > 0)
     known = self.pooled_levels + self.snippet_levels
-    missing = [name for name, weight in self.lambdas.items() if weight and name not in known]
+    missing = levels_lib.unscorable(self.lambdas, self.task, self.pooled_levels, layout["regions"] > 0)
     if missing:
       raise store.StoreError(f"{self.path}: levels {missing} have a weight but the index cannot score them "
                              f"(no region tokens); it scores {known}")

@@ -350,6 +350,12 @@ class IndexReader:
     t, d = layout["snippets"], layout["dim"]
     return {"frames": (t, d), "regions": (t, layout["regions"], d), "times": (t, 2)}.get(field, (t,))
 
+  def locate(self, rows) -> tuple[np.ndarray, np.ndarray]:
+    """(shard number, row within the shard) of each index row."""
+    rows = np.asarray(rows, np.int64)
+    shards = np.searchsorted(self._offsets, rows, side="right") - 1
+    return shards, rows - self._offsets[shards]
+
   def read(self, rows: np.ndarray, fields) -> dict[str, np.ndarray]:
     """{field: (len(rows), ...) on-disk dtype} for the videos `rows` (any order), read by pread, run by run."""
     rows = np.asarray(rows, np.int64)
@@ -357,10 +363,9 @@ class IndexReader:
       raise StoreError(f"{self.path}: rows outside [0, {self.videos})")
     out = {f: np.empty((len(rows), *self.row_shape(f)), FIELDS[f]) for f in fields}
     order = np.argsort(rows, kind="stable")
-    shard_of = np.searchsorted(self._offsets, rows[order], side="right") - 1
+    shard_of, local_of = self.locate(rows[order])
     for shard in np.unique(shard_of):
-      picked = order[shard_of == shard]
-      local = rows[picked] - self._offsets[shard]
+      picked, local = order[shard_of == shard], local_of[shard_of == shard]
       runs = np.split(np.arange(len(local)), np.flatnonzero(np.diff(local) != 1) + 1)
       for field in fields:
         row_bytes = int(np.prod(self.row_shape(field))) * np.dtype(FIELDS[field]).itemsize
@@ -386,13 +391,12 @@ class IndexReader:
   def metadata(self, rows) -> list[dict]:
     """video, caption, label, duration, event of each row: one line of its shard's metadata.jsonl each."""
     out = []
-    for row in np.asarray(rows, np.int64):
-      shard = int(np.searchsorted(self._offsets, row, side="right") - 1)
+    for shard, local in zip(*self.locate(rows)):
       folder = os.path.join(self.path, SHARDS, self._names[shard])
       index = os.path.join(folder, "metadata_offsets.npy")
       with open(index, "rb") as f:   # the line's start and end: two int64 at the row's place
-        start, stop = np.frombuffer(os.pread(f.fileno(), 16, self._data_offset(shard, "metadata", index)
-                                             + 8 * int(row - self._offsets[shard])), np.int64)
+        start, stop = np.frombuffer(os.pread(f.fileno(), 16, self._data_offset(int(shard), "metadata", index)
+                                             + 8 * int(local)), np.int64)
       with open(os.path.join(folder, "metadata.jsonl"), "rb") as f:
         out.append(json.loads(os.pread(f.fileno(), int(stop - start), int(start))))
     return out

@@ -17,7 +17,6 @@ from PIL import Image
 
 from data_prep.datasets import VIDEO_SUFFIXES
 from varcmp_jax.data import pipeline, records as records_lib
-from varcmp_jax.index import build as index_build
 
 THUMBNAIL_SIZE = 160     # longest side of a keyframe decoded from a video, pixels
 
@@ -99,22 +98,20 @@ class Keyframes:
   def __init__(self, index, videos: VideoFolder | None, cache: int = 4096):
     self.store, self.videos = index.store, videos
     manifest = index.manifest
-    self.sources = manifest["sources"]
-    shards = manifest["shards"]
-    self._offsets = np.array([s["offset"] for s in shards], np.int64)
-    self._shards = shards
+    self.sources, self._shards = manifest["sources"], manifest["shards"]
     self._open_sources, self._lock = {}, threading.Lock()
     self.png = functools.lru_cache(maxsize=cache)(self._png)
 
   def _record(self, row: int) -> dict | None:
     """The record behind an index row, or None when its records directory is gone, unreadable or no longer the
     one indexed (its manifest.json changed)."""
-    shard = self._shards[int(np.searchsorted(self._offsets, row, side="right") - 1)]
+    number, local = self.store.locate([row])
+    shard = self._shards[int(number[0])]
     source = self.sources[shard["source"]]
     with self._lock:
       if shard["source"] not in self._open_sources:
         try:
-          same = index_build.fingerprint(source["records"]) == source["fingerprint"]
+          same = pipeline.manifest_sha256(source["records"]) == source["fingerprint"]
           records = pipeline.IndexedSource(source["records"], source["split"]) if same else None
         except (OSError, ValueError, KeyError):
           records = None
@@ -122,7 +119,7 @@ class Keyframes:
       records = self._open_sources[shard["source"]]
     if records is None:
       return None
-    return records_lib.decode_record(records[shard["start"] + row - shard["offset"]][1])
+    return records_lib.decode_record(records[shard["start"] + int(local[0])][1])
 
   def _png(self, row: int, slot: int) -> bytes:
     if not 0 <= row < self.store.videos:
