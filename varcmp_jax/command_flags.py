@@ -55,7 +55,7 @@ USAGE = "usage: {prog} --config configs/<name>.py[:arg] --workdir DIR [--config.
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 
 
-def _help(prog: str, usage: str, values: flags.FlagValues, config_from_workdir: bool) -> str:
+def _help(usage: str, values: flags.FlagValues, config_from_workdir: bool) -> str:
   lines = [usage, "", "flags:"]
   for name in sorted(values):
     if name == "config":
@@ -129,7 +129,7 @@ def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_ext
     raise SystemExit(f"{prog}: --config {spec}: cannot load it: {type(cause).__name__}: "
                      f"{' '.join(str(cause).split())[:300]}") from None
   if wanted_help:
-    print(_help(prog, usage, values, config_from_workdir))
+    print(_help(usage, values, config_from_workdir))
     raise SystemExit(0)
   for name in ("config", "workdir"):
     if values[name].value is None:
@@ -156,9 +156,9 @@ def one_line(error: Exception) -> str:
   return text
 
 
-def parse(argv: list[str], prog: str, define_extra=None, config_from_workdir: bool = False) -> flags.FlagValues:
+def parse(argv: list[str], prog: str) -> flags.FlagValues:
   """parse_flags, then the config validated before jax starts or data is read."""
-  values = parse_flags(argv, prog, define_extra=define_extra, config_from_workdir=config_from_workdir)
+  values = parse_flags(argv, prog)
   validate(values, prog)
   return values
 

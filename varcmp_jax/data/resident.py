@@ -100,9 +100,8 @@ class ResidentSplit:
   given local rows of its own block.
   """
 
-  def __init__(self, arrays: dict[str, jax.Array], rows: int, records: int, blocks: list[int],
-               sharding: NamedSharding):
-    self.arrays, self.rows, self.records, self.blocks, self.sharding = arrays, rows, records, blocks, sharding
+  def __init__(self, arrays: dict[str, jax.Array], rows: int, blocks: list[int], sharding: NamedSharding):
+    self.arrays, self.rows, self.blocks, self.sharding = arrays, rows, blocks, sharding
     spec, mesh = sharding.spec, sharding.mesh
     take = lambda arrays, rows: {k: jnp.take(v, rows, axis=0, mode="clip") for k, v in arrays.items()}
     self._take = jax.shard_map(take, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
@@ -171,7 +170,7 @@ def load(config, split: str, sharding: NamedSharding, train: bool, batch_per_dev
   arrays = {k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
             for k, v in host.items()}
   del host
-  return ResidentSplit(arrays, rows, records, blocks, sharding)
+  return ResidentSplit(arrays, rows, blocks, sharding)
 
 
 class EpochSampler:

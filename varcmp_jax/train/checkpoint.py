@@ -123,9 +123,6 @@ class Checkpointer:
         save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True, create=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
@@ -166,8 +163,9 @@ class Checkpointer:
       try:
         state = self.restore(abstract_state, data, step)
       except NoCheckpoint as e:
-        print(f"note: skipping checkpoint {step}: {failure_reason(e)}", file=sys.stderr, flush=True)
-        skipped.append((step, failure_reason(e)))
+        reason = failure_reason(e)
+        print(f"note: skipping checkpoint {step}: {reason}", file=sys.stderr, flush=True)
+        skipped.append((step, reason))
         continue
       return state, step, skipped
     if not skipped:

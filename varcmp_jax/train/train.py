@@ -51,10 +51,11 @@ def restore_or_init(trainer: step_lib.Trainer, checkpointer, config, data=None):
     raise RunError(f"{e}; move them away to start over") from None
   if skipped:
     if jax.process_index() == 0:
-      checkpointer.set_aside(s for s, _ in skipped)
+      checkpointer.set_aside(s for s, _ in skipped)   # reloads the manager itself
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("varcmp: unrestorable checkpoints set aside")
-    checkpointer.manager.reload()
+    if jax.process_index() != 0:    # after the barrier: the moves are done
+      checkpointer.manager.reload()
   return state, step
 
 
