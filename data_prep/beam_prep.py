@@ -32,7 +32,6 @@ import sys
 import threading
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from tqdm import tqdm
 
@@ -94,14 +93,6 @@ def write_shard(element, out_dir: str) -> int:
     raise
 
 
-def caption_tokens(items, task: str) -> list[np.ndarray | None]:
-  """The tokens prep.run_local gives each row's record: of its checked caption (None: the row is skipped)."""
-  captions = [row.check_caption(item.caption, task)[0] for item in items]
-  texts = [c for c in captions if c is not None]
-  ids = iter(prep.tokenizer()(texts).astype(np.int32) if texts else [])
-  return [None if c is None else next(ids) for c in captions]
-
-
 def build(pipeline: beam.Pipeline, shards: list[tuple[str, str]], options: row.RowOptions, out_dir: str):
   return (pipeline
           | "Shards" >> beam.Create(shards)         # the rows travel in files, not in the pipeline graph
@@ -130,14 +121,15 @@ def run(job: prep.Job) -> int:
   """Runs the pending shards through Beam; 0, or 1 when the pipeline failed or was interrupted."""
   options = pipeline_options(job.args)
   runner = options.view_as(StandardOptions).runner or "FnApiRunner"
-  if runner not in LOCAL_RUNNERS and relative_paths(job.args):
+  relative = relative_paths(job.args)
+  if runner not in LOCAL_RUNNERS and relative:
     print(f"varcmp prep: --runner beam on {runner}: workers on other machines need absolute paths on a filesystem "
-          f"they all mount (relative: {', '.join(relative_paths(job.args))})", file=sys.stderr)
+          f"they all mount (relative: {', '.join(relative)})", file=sys.stderr)
     return 2
   todo = job.todo()
   if not todo:
     return 0
-  tokens = iter(caption_tokens([item for _, _, members in todo for item in members], job.args.task))
+  tokens = iter(prep.caption_tokens([item for _, _, members in todo for item in members], job.args.task))
   try:
     for _, name, members in todo:
       prep.write_atomic(rows_file(job.args.out, name), pickle.dumps([(item, next(tokens)) for item in members]))

@@ -367,14 +367,11 @@ def start_job(args) -> Job:
     items = datasets.read(args.dataset, args.videos, args.captions, args.split_lists)
   except datasets.TableError as e:
     raise JobError(str(e), 2) from None
-  spec = {"dataset": args.dataset, "videos": os.path.abspath(args.videos) if args.videos else None,
-          "captions": os.path.abspath(args.captions), "table_sha256": table_hash(items), "task": args.task,
-          "snippets": args.snippets, "image_size": args.image_size, "shard_size": args.shard_size,
-          "mel_bins": args.mel_bins, "mel_frames": args.mel_frames,
-          "split_lists": [os.path.abspath(p) for p in args.split_lists] if args.split_lists else None,
-          "visual_features": args.visual_features, "visual_clip_seconds": args.visual_clip_seconds,
-          "audio_features": args.audio_features, "audio_clip_seconds": args.audio_clip_seconds,
-          "prior": args.prior, "prior_clip_seconds": args.prior_clip_seconds, "crops": args.crops}
+  # Every key of JOB_KEYS, in its order: the argument as given, but for the paths (absolute) and the table.
+  derived = {"videos": os.path.abspath(args.videos) if args.videos else None,
+             "captions": os.path.abspath(args.captions), "table_sha256": table_hash(items),
+             "split_lists": [os.path.abspath(p) for p in args.split_lists] if args.split_lists else None}
+  spec = {k: derived[k] if k in derived else getattr(args, k) for k in JOB_KEYS}
   try:
     prepare_out(args, spec)
   except ValueError as e:
@@ -399,11 +396,20 @@ def tokenizer():
   return clip.tokenizer()
 
 
+def caption_tokens(items: list[datasets.Item], task: str) -> list[np.ndarray | None]:
+  """Each row's record tokens, of its checked caption (row.check_caption: the caption build_record stores),
+  int32 (77,); None for a row whose caption is rejected (the row is skipped). Every runner tokenizes here, in
+  its own process: the decoding workers load no tokenizer."""
+  captions = [row.check_caption(item.caption, task)[0] for item in items]
+  texts = [c for c in captions if c is not None]
+  ids = iter(tokenizer()(texts).astype(np.int32) if texts else [])
+  return [None if c is None else next(ids) for c in captions]
+
+
 def run_local(job: Job) -> int:
   """Decodes the pending shards' rows in a multiprocessing pool, in table order; writes and journals each
   shard as its last row arrives. 0, or 1 when interrupted or unable to write."""
   todo, done = job.todo(), job.done
-  tokenize = tokenizer()
   # One ordered stream of rows over all pending shards.
   jobs = [(item, job.options) for _, _, members in todo for item in members]
   owners = [name for _, name, members in todo for _ in members]
@@ -413,9 +419,9 @@ def run_local(job: Job) -> int:
   progress = tqdm(total=total, initial=total - len(jobs), desc="prep", unit="video")
 
   def consume(results):
-    for (item, _), name, (status, value) in zip(jobs, owners, results):
+    for (item, _), name, row_tokens, (status, value) in zip(jobs, owners, tokens, results):
       if status == "ok":
-        value["tokens"] = tokenize([value["caption"]])[0].astype(np.int32)
+        value["tokens"] = row_tokens
       writers[name].put(item.video, status, value)
       pending[name] -= 1
       if pending[name] == 0:
@@ -426,6 +432,7 @@ def run_local(job: Job) -> int:
 
   try:
     with sigterm_unwinds():
+      tokens = caption_tokens([item for item, _ in jobs], job.args.task)   # here: Ctrl-C stops it cleanly
       if job.args.workers and jobs:
         with multiprocessing.get_context("spawn").Pool(job.args.workers) as pool:
           consume(pool.imap(run_row, jobs, chunksize=1))

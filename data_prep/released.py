@@ -46,6 +46,11 @@ class ArraySource:
   width: int | None = None
   num_crops: int | None = None
 
+  @property
+  def whole_file_crop(self) -> bool:
+    """One crop kept (--crops K) from a pattern with {crop}: only crop K's file is read, (N, D)."""
+    return self.crops not in ("mean", None) and "{crop}" in self.pattern
+
 
 def _pattern_regex(pattern: str, video: str) -> re.Pattern:
   """The pattern as a regex over whole paths: `{video}` literal, `{crop}` a captured number, glob wildcards."""
@@ -96,7 +101,7 @@ def _read(path: str) -> np.ndarray:
 
 def _crops_axis(source: ArraySource, video: str) -> np.ndarray:
   """(N, C, D) float32 for features, (N, 1, 1) for a prior: the video's arrays with the crops on axis 1."""
-  crop = int(source.crops) if source.crops not in ("mean", None) and "{crop}" in source.pattern else None
+  crop = int(source.crops) if source.whole_file_crop else None
   files = find_files(source.pattern, video, crop)
   arrays = []
   for _, path in files:
@@ -146,12 +151,11 @@ def _rows(source: ArraySource, video: str) -> np.ndarray:
   crops = array.shape[1]
   if source.width is not None and array.shape[2] != source.width:
     raise ArrayError(f"width: {array.shape[2]}, the release's width is {source.width}")
-  whole_file_crop = source.crops not in ("mean", None) and "{crop}" in source.pattern
-  if source.num_crops is not None and crops != source.num_crops and not whole_file_crop:
+  if source.num_crops is not None and crops != source.num_crops and not source.whole_file_crop:
     raise ArrayError(f"crops: {crops}, the release has {source.num_crops}")
   if source.crops in ("mean", None):
     return array.mean(axis=1)
-  if whole_file_crop:
+  if source.whole_file_crop:
     return array[:, 0]
   k = int(source.crops)
   if k >= crops:

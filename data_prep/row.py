@@ -4,7 +4,8 @@
 
 `build_record` is a pure module-level function of picklable arguments, so a multiprocessing pool or an
 Apache Beam DoFn can run it. The record has every field but `tokens`: the CLIP tokenizer imports jax, which
-the decoding workers do not load, so the caller tokenizes `record["caption"]`.
+the decoding workers do not load, so the caller tokenizes `record["caption"]` (data_prep.prep.caption_tokens:
+the row's check_caption text).
 
 A record is built from the video file (frames, log-mel), from per-video arrays of a feature release
 (data_prep.released: `features`, `audio_features`, `prior`), or both. Without a video its duration is the
@@ -77,9 +78,7 @@ def build_record(item: datasets.Item, options: RowOptions) -> tuple[str, object]
     return "skip", reason
   try:
     return "ok", _record(item, caption, options)
-  except DecodeError as e:
-    return "skip", e.reason
-  except released.ArrayError as e:
+  except (DecodeError, released.ArrayError) as e:
     return "skip", e.reason
   except Exception as e:   # a decoder or numpy failure on one odd file skips that file only
     return "skip", f"{type(e).__name__}: {e}"

@@ -65,7 +65,7 @@ def problems(config, split_info: dict, manifest: dict) -> list[str]:
         fix += " (a learned projection), or 0 if they are CLIP joint-space features"
       out.append(f"{field}: the records' features are {got} wide: {fix}")
     if config_lib.uses_regions(config):
-      regions = shapes["regions"] if "regions" in shapes else None
+      regions = shapes.get("regions")
       if regions is None:
         out.append(f"loss.levels.spatial={config.loss.levels.spatial} needs region tokens, and the records have "
                    "no `regions` (released features): set --config.loss.levels.spatial=0")
