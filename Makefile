@@ -22,9 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q -n 2
 
-# Every benchmark at the size of the accelerator present (CPU sizes without one), rows appended to BENCHMARKS.md.
+# Every benchmark at the size of the accelerator present (CPU sizes without one), most important first, under a
+# time budget (480 s on an accelerator); rows appended to BENCHMARKS.md. E.g. make bench BENCH_ARGS="--budget 900".
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/run_all.py
+	$(VENV)/bin/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,7 +8,11 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["varcmp_jax", "varcmp_jax.*", "data_prep", "data_prep.*"]),
+    # The repository's configs/ ships as varcmp_jax/configs, so `--config NAME` works in an installed wheel
+    # (varcmp_jax.command_flags.bundled_configs; a source checkout or editable install reads configs/ itself).
+    packages=setuptools.find_packages(include=["varcmp_jax", "varcmp_jax.*", "data_prep", "data_prep.*"])
+    + ["varcmp_jax.configs"],
+    package_dir={"varcmp_jax.configs": "configs"},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -1,22 +1,29 @@
-"""CLIP contrastive train step: ours (Flax, jit) vs HF `CLIPModel` in PyTorch eager and torch.compile.
+"""CLIP contrastive train step: ours (Flax, jit) vs HF `CLIPModel` in PyTorch eager and torch.compile, one run.
 
 Both towers, symmetric InfoNCE with the learned logit scale, AdamW, bf16 compute (fp32 params and
-optimizer state). Each peer runs in its own subprocess on the same device, so peak memory is per peer
-and JAX's and PyTorch's allocators do not compete. Prints samples/s, achieved TFLOP/s (analytic matmul
-FLOPs x 3 for forward + backward), MFU against a bf16 matmul peak measured on the device, peak memory.
+optimizer state), the same initial weights (HF init, same seed). Each peer runs in its own subprocess on the
+same device (its own peak memory; JAX's and PyTorch's allocators do not compete), its phases streamed here as
+they happen: params ready, compiled (the first call, reported apart), each timed step with its ms. Each peer's
+table row is printed when it is done, then the ratio lines `ours / torch_eager: X.XXx`, `ours / torch_compile: X.XXx`.
+
+samples/s = batch / the median timed step (each step timed alone, until its outputs are ready). FLOPs per
+step: varcmp_jax.flops of our jitted step (model FLOPs, forward + backward, from the jaxpr on any backend); the
+peers run the same model, the same matmuls, so the same count gives their TFLOP/s and MFU. MFU is against the
+device's datasheet dense bf16 peak (flops.device_peak; n/a on a CPU) and, in its own column, against a bf16
+matmul peak measured in our process after its steps.
 
   python benchmarks/clip_step.py                       # ViT-B/16, batch 256, all peers (GPU)
-  python benchmarks/clip_step.py --model tiny --batch 32 --steps 5    # a CPU smoke run
-  python benchmarks/clip_step.py --attention xla       # XLA attention for ours (auto = cuDNN fused on GPU)
+  python benchmarks/clip_step.py --model tiny --batch 32 --steps 5 --peers ours,torch_eager   # a CPU smoke run
+  python benchmarks/clip_step.py --attention xla       # our attention kernel (default auto: the model chooses)
 """
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import peak_memory  # benchmarks/peak_memory.py
+from report import RESULT, Table, phase, run_child, time_steps  # benchmarks/report.py
 
 PEERS = ("ours", "torch_eager", "torch_compile")
 SIZES = {  # HF CLIPConfig arguments
@@ -32,19 +39,8 @@ SIZES = {  # HF CLIPConfig arguments
                                   num_attention_heads=2)),
 }
 CONTEXT = 77
-
-
-def train_flops_per_sample(size: dict) -> float:
-  """Matmul FLOPs of one forward + backward (3x forward) for one image-text pair."""
-  def tower(c, tokens, patch_in=0):
-    w, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    per_token = layers * (8 * w * w + 4 * w * i + 4 * tokens * w)  # qkv+out, mlp, scores+values
-    return tokens * per_token + 2 * (tokens - 1) * patch_in * w
-  v, t = size["vision_config"], size["text_config"]
-  patches = (v["image_size"] // v["patch_size"]) ** 2
-  forward = (tower(v, patches + 1, 3 * v["patch_size"] ** 2) + tower(t, CONTEXT)
-             + 2 * (v["hidden_size"] + t["hidden_size"]) * size["projection_dim"])
-  return 3.0 * forward
+COLUMNS = ("peer", "samples/s", "step ms (median)", "compile s (first call)", "TFLOP/step (model)", "TFLOP/s",
+           "MFU (datasheet)", "MFU (measured peak)", "peak mem GiB", "loss", "settings")
 
 
 def make_batch(batch, image_size, seed=0):
@@ -58,22 +54,58 @@ def make_batch(batch, image_size, seed=0):
   return pixels, ids
 
 
-def run_ours(args, size):
+def measure_peak_flops(on_accelerator: bool) -> float:
+  """bf16 matmul FLOP/s of the device, measured with JAX (best of a few square sizes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  best = 0.0
+  matmul = jax.jit(lambda a, b: a @ b)
+  for n in ((4096, 8192, 16384) if on_accelerator else (512, 1024, 2048)):
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    matmul(a, b).block_until_ready()
+    reps = 20 if on_accelerator else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+      c = matmul(a, b)
+    c.block_until_ready()
+    best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+  return best
+
+
+def attention_kernels(config, hf_config) -> str:
+  """What `config.attention_impl` resolves to for each tower on this device (the model's own rule)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.extend import backend as jax_backend  # pylint: disable=g-import-not-at-top
+  from varcmp_jax.clip import model as clip_model  # pylint: disable=g-import-not-at-top
+  backend = jax_backend.get_backend()
+  platform = "cuda" if "cuda" in backend.platform_version else backend.platform   # as the model tells them apart
+  capability = jax.local_devices()[0].compute_capability if platform == "cuda" else None
+  v, t = hf_config.vision_config, hf_config.text_config
+  towers = {"vision": ((v.image_size // v.patch_size) ** 2 + 1, v.hidden_size // v.num_attention_heads),
+            "text": (CONTEXT, t.hidden_size // t.num_attention_heads)}
+  plans = []
+  for tower, (length, head_dim) in towers.items():
+    kernel, padded = clip_model.attention_plan(config.attention_impl, platform, length, head_dim, config.dtype,
+                                               capability)
+    plans.append(f"{tower} {kernel}" + (f" ({length} padded to {padded})" if padded != length else ""))
+  return ", ".join(plans)
+
+
+def run_ours(args, size) -> dict:
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from varcmp_jax import clip  # pylint: disable=g-import-not-at-top
-
   import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from varcmp_jax import clip, flops  # pylint: disable=g-import-not-at-top
   from varcmp_jax.clip import hf  # pylint: disable=g-import-not-at-top
 
-  gpu = jax.devices()[0].platform == "gpu"
-  attention = args.attention if args.attention != "auto" else ("cudnn" if gpu else None)
+  start = time.perf_counter()
   hf_config = transformers.CLIPConfig(**size)
   config = dataclasses.replace(clip.CLIPConfig.from_hf(hf_config, dtype="bfloat16", param_dtype="float32",
-                                                       attention_impl=attention), remat=args.remat)
+                                                       attention_impl=args.attention), remat=args.remat)
   model = clip.CLIP(config)
   pixels, ids = make_batch(args.batch, size["vision_config"]["image_size"])
   pixels, ids = jax.device_put(pixels.astype(jnp.bfloat16)), jax.device_put(ids)
@@ -84,6 +116,9 @@ def run_ours(args, size):
   del state
   optimizer = optax.adamw(1e-4, b1=0.9, b2=0.98, weight_decay=0.2)
   opt_state = jax.jit(optimizer.init)(params)
+  kernels = attention_kernels(config, hf_config)
+  phase("ours", f"params ready in {time.perf_counter() - start:.1f} s (HF init, converted); attention "
+        f"{args.attention}: {kernels}")
 
   def loss_fn(p, pixels, ids):
     image, text = model.apply({"params": p}, pixels, ids)
@@ -102,27 +137,35 @@ def run_ours(args, size):
     return optax.apply_updates(p, updates), s, loss
 
   step = jax.jit(step, donate_argnums=(0, 1))   # params and optimizer state are updated in place
-  t0 = time.perf_counter()
-  for _ in range(args.warmup):
+  start = time.perf_counter()
+  count = flops.count(step, params, opt_state, pixels, ids)
+  phase("ours", f"FLOPs counted in {time.perf_counter() - start:.1f} s: {count.model / 1e12:.4g} TFLOP/step model, "
+        f"{count.executed / 1e12:.4g} executed, {100 * count.bf16_share:.0f}% on bf16 operands")
+
+  def one_step():
+    nonlocal params, opt_state
     params, opt_state, loss = step(params, opt_state, pixels, ids)
-  loss.block_until_ready()
-  warmup_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    params, opt_state, loss = step(params, opt_state, pixels, ids)
-  loss.block_until_ready()
-  seconds = time.perf_counter() - t0
-  device = jax.devices()[0]
+    return loss
+
+  result = time_steps("ours", lambda: one_step().block_until_ready(), args.steps, args.warmup)
   memory, memory_kind = peak_memory.jax_peak_bytes()
-  return dict(seconds=seconds, warmup_s=warmup_s, loss=float(loss), device=device.device_kind,
-              platform=device.platform, memory_bytes=memory, memory_kind=memory_kind,
-              settings=f"jit+donate, bf16 compute, attention={config.attention_impl or 'auto'}, remat={args.remat}")
+  device = jax.devices()[0]
+  measured = measure_peak_flops(device.platform != "cpu") if args.measure_peak else None
+  if measured:
+    phase("ours", f"measured bf16 matmul peak: {measured / 1e12:.4g} TFLOP/s")
+  peak = flops.device_peak(device)
+  return dict(result, loss=float(result.pop("value")), model_flops=count.model, memory_bytes=memory,
+              memory_kind=memory_kind, datasheet_flops=peak.flops if peak else None, measured_flops=measured,
+              settings=f"jit+donate, bf16 compute, attention={args.attention} ({kernels}), remat={args.remat}, "
+                       f"jax {jax.__version__} on {device.device_kind}")
 
 
-def run_torch(args, size, compiled):
+def run_torch(args, size, compiled: bool) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
+  peer = "torch_compile" if compiled else "torch_eager"
+  start = time.perf_counter()
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
   torch.manual_seed(0)
@@ -134,6 +177,7 @@ def run_torch(args, size, compiled):
   pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(device)
   ids = torch.from_numpy(ids).long().to(device)
   forward = torch.compile(model) if compiled else model
+  phase(peer, f"model ready in {time.perf_counter() - start:.1f} s (HF init)")
 
   def step():
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -143,108 +187,71 @@ def run_torch(args, size, compiled):
     optimizer.zero_grad(set_to_none=True)
     return loss
 
-  sync = torch.cuda.synchronize if cuda else (lambda: None)
-  t0 = time.perf_counter()
-  for _ in range(args.warmup):
+  def synced_step():
     loss = step()
-  sync()
-  warmup_s = time.perf_counter() - t0
-  if cuda:
-    torch.cuda.reset_peak_memory_stats()
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    loss = step()
-  sync()
-  seconds = time.perf_counter() - t0
-  return dict(seconds=seconds, warmup_s=warmup_s, loss=float(loss),
-              device=torch.cuda.get_device_name() if cuda else "cpu", platform=device.type,
-              memory_bytes=torch.cuda.max_memory_allocated() if cuda else peak_memory.host_peak_bytes(),
+    if cuda:
+      torch.cuda.synchronize()
+    return loss.item()
+
+  result = time_steps(peer, synced_step, args.steps, args.warmup, compiles=compiled)
+  memory = torch.cuda.max_memory_allocated() if cuda else peak_memory.host_peak_bytes()
+  return dict(result, loss=result.pop("value"), memory_bytes=memory,
               memory_kind="device peak" if cuda else "process peak RSS",
               settings=f"{'torch.compile' if compiled else 'eager'}, autocast bf16, "
                        f"attn={model.config._attn_implementation}, torch {torch.__version__}")
 
 
-def measure_peak_tflops(args):
-  """bf16 matmul peak of the device, measured with JAX (best of a few square sizes)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  gpu = jax.devices()[0].platform != "cpu"
-  best = 0.0
-  for n in ((4096, 8192, 16384) if gpu else (512, 1024, 2048)):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    matmul = jax.jit(lambda a, b: a @ b)
-    matmul(a, b).block_until_ready()
-    reps = 20 if gpu else 3
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      c = matmul(a, b)
-    c.block_until_ready()
-    best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12)
-  return dict(peak_tflops=best, device=jax.devices()[0].device_kind)
-
-
-def run_peer(args):
-  size = SIZES[args.model]
-  if args.peer == "peak":
-    result = measure_peak_tflops(args)
-  elif args.peer == "ours":
-    result = run_ours(args, size)
-  else:
-    result = run_torch(args, size, compiled=args.peer == "torch_compile")
-  print("RESULT " + json.dumps(result), flush=True)
+def cells(peer: str, r: dict | None, flops_per_step: float | None, datasheet: float | None,
+          measured: float | None) -> tuple:
+  if r is None:
+    return (peer, "failed") + ("",) * (len(COLUMNS) - 2)
+  rate = 1.0 / r["step_s"]
+  tflops = flops_per_step * rate / 1e12 if flops_per_step else None
+  percent = lambda peak: f"{100 * tflops * 1e12 / peak:.1f}%" if tflops and peak else "n/a"
+  return (peer, f"{r['batch'] * rate:.4g}", f"{1e3 * r['step_s']:.1f}", f"{r['compile_s']:.1f}",
+          f"{flops_per_step / 1e12:.4g}" if flops_per_step else "n/a", f"{tflops:.3g}" if tflops else "n/a",
+          percent(datasheet), percent(measured), f"{r['memory_bytes'] / 2 ** 30:.2f} ({r['memory_kind']})",
+          f"{r['loss']:.3f}", r["settings"])
 
 
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", choices=sorted(SIZES), default="b16")
   parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--steps", type=int, default=20, help="timed steps")
-  parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps, each timed alone (median reported)")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps, the first (compilation) included")
   parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {PEERS}")
   parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
-                      help="jax.nn.dot_product_attention implementation for ours; auto = cudnn on GPU, else XLA")
+                      help="our attention kernel, passed to the model (auto: a fused kernel where it runs)")
   parser.add_argument("--remat", action="store_true", help="remat the transformer blocks (ours)")
+  parser.add_argument("--no-measured-peak", dest="measure_peak", action="store_false",
+                      help="leave out the measured bf16 matmul peak (a few seconds in our process)")
   parser.add_argument("--peer", help=argparse.SUPPRESS)   # internal: run one peer in this process
   args = parser.parse_args(argv)
+  peers = args.peers.split(",")
+  if set(peers) - set(PEERS) or args.steps < 1 or args.warmup < 1:
+    parser.error(f"--peers must name some of {PEERS}; --steps and --warmup must be >= 1")
+  size = SIZES[args.model]
   if args.peer:
-    run_peer(args)
+    result = run_ours(args, size) if args.peer == "ours" else run_torch(args, size, args.peer == "torch_compile")
+    print(RESULT + json.dumps(dict(result, batch=args.batch)), flush=True)
     return 0
 
-  def spawn(peer):
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--peer", peer]
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-      print(f"[{peer}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-      return None
-    return json.loads(lines[-1][len("RESULT "):])
-
-  peak = spawn("peak")
-  flops = train_flops_per_sample(SIZES[args.model])
-  print(f"CLIP {args.model} train step, batch {args.batch}, {args.steps} timed steps after {args.warmup} warmup; "
-        f"{flops / 1e9:.4g} GFLOP per sample (fwd+bwd matmuls)")
-  if peak:
-    print(f"device: {peak['device']}; measured bf16 matmul peak {peak['peak_tflops']:.2f} TFLOP/s")
-  header = f"{'peer':<14} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak mem GiB':>12} {'warmup s':>9} {'loss':>7}  settings"
-  print(header)
-  print("-" * len(header))
-  rows = {}
-  for peer in args.peers.split(","):
-    r = spawn(peer)
-    if r is None:
-      print(f"{peer:<14} failed")
-      continue
-    rate = args.batch * args.steps / r["seconds"]
-    tflops = rate * flops / 1e12
-    mfu = f"{100 * tflops / peak['peak_tflops']:.3g}%" if peak else "n/a"
-    rows[peer] = rate
-    print(f"{peer:<14} {rate:>10.4g} {tflops:>8.3g} {mfu:>6} {r['memory_bytes'] / 2**30:>12.2f} "
-          f"{r['warmup_s']:>9.1f} {r['loss']:>7.3f}  {r['settings']}; memory = {r['memory_kind']}")
-  for peer in ("torch_eager", "torch_compile"):
-    if "ours" in rows and peer in rows:
-      print(f"ours / {peer}: {rows['ours'] / rows[peer]:.2f}x")
+  print(f"CLIP {args.model} train step, batch {args.batch}: first call (compilation) and {args.warmup - 1} more "
+        f"untimed steps, then {args.steps} timed steps; peers {', '.join(peers)}", flush=True)
+  table, rates, flops_per_step, datasheet, measured = Table(*COLUMNS), {}, None, None, None
+  for peer in sorted(peers, key=PEERS.index):    # ours first: its FLOP count and peaks serve every row
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    r = run_child([sys.executable, os.path.abspath(__file__), *argv, "--peer", peer], peer, env)
+    if peer == "ours" and r:
+      flops_per_step, datasheet, measured = r["model_flops"], r["datasheet_flops"], r["measured_flops"]
+    table.row(*cells(peer, r, flops_per_step, datasheet, measured))
+    if r:
+      rates[peer] = 1.0 / r["step_s"]
+    if peer != "ours" and "ours" in rates and peer in rates:
+      print(f"ours / {peer}: {rates['ours'] / rates[peer]:.2f}x", flush=True)
+  if "ours" not in peers:
+    print("(no FLOP count without ours: TFLOP/s and MFU are n/a)", flush=True)
   return 0
 
 

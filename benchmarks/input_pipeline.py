@@ -17,6 +17,11 @@ waits for), per worker count, the best of them reported as grain_batches_per_s. 
 the devices once (resident_load_s), then per batch its row numbers placed and the on-device gather into the
 buffers of the spent batch, blocked until ready (resident_batches_per_s). Both in one run, on the same
 records and devices.
+
+Output (benchmarks/run_all.py's convention): each phase printed as it happens, each figure a table row the
+moment it is measured (| stage | workers | batches/s | records/s | ms/batch | start-up s |; start-up = the first
+batch: Grain's worker start-up and first read, or the resident split placed on the devices plus the gather's
+compilation), then the ratio line `resident / grain (best, workers=N): X.Xx`.
 """
 import argparse
 import csv
@@ -36,8 +41,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from varcmp_jax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from varcmp_jax.data import pipeline, records, resident  # pylint: disable=g-import-not-at-top,wrong-import-position
 from varcmp_jax.train import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from report import Table  # pylint: disable=g-import-not-at-top,wrong-import-position  # benchmarks/report.py
 
 DEFAULT_CLIPS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "xd_clips"
+TABLE = Table("stage", "workers", "batches/s", "records/s", "ms/batch", "start-up s")
 
 
 def real_clip_inputs(clips_dir: pathlib.Path, out: pathlib.Path) -> tuple[str, str]:
@@ -69,7 +76,7 @@ def bench_prep(args, work: pathlib.Path) -> tuple[str | None, dict]:
     videos = work / "videos"
     start = time.perf_counter()
     assert synth.main(["--out", str(videos), "--videos", str(args.videos), "--seed", "0"]) == 0
-    print(f"synth: {args.videos} videos in {time.perf_counter() - start:.1f} s (untimed for prep)")
+    print(f"synth: {args.videos} videos in {time.perf_counter() - start:.1f} s (untimed for prep)", flush=True)
     videos_dir, captions = str(videos), str(videos / "captions.csv")
     source = f"{args.videos} synthetic videos"
   else:
@@ -84,7 +91,8 @@ def bench_prep(args, work: pathlib.Path) -> tuple[str | None, dict]:
     raise RuntimeError(f"prep exited with {rc}")
   manifest = pipeline.read_manifest(str(out))
   written = sum(s["records"] for s in manifest["splits"].values())
-  print(f"prep: {written} records from {source} in {seconds:.1f} s = {written / seconds:.2f} records/s")
+  print(f"prep: {written} records from {source} in {seconds:.1f} s", flush=True)
+  TABLE.row("varcmp prep", "prep's default", "-", f"{written / seconds:.2f}", "-", "-")
   return str(out), {"prep_records": written, "prep_seconds": seconds, "prep_records_per_s": written / seconds}
 
 
@@ -108,21 +116,27 @@ def random_frame_records(args, out: pathlib.Path) -> str:
 
 
 def bench_reader(records_dir: str, args, workers: int) -> float:
+  """Frame batches/s of the train iterator, after its first batch; the row printed."""
   config = config_lib.default_config("audio", "frames")
   config.data.records = records_dir
   config.data.snippets = args.snippets
   config.data.worker_count = workers
+  config.model.clip.vision.image_size = args.image_size   # the records' frame size (the pipeline checks it)
   split = "train" if "train" in pipeline.read_manifest(records_dir)["splits"] else next(
       iter(pipeline.read_manifest(records_dir)["splits"]))
   config.data.train_split = split
   it = pipeline.make_train_iterator(config, args.batch, seed=0)
+  start = time.perf_counter()
   next(it)   # worker start-up and the first read are not steady state
+  first_s = time.perf_counter() - start
   start = time.perf_counter()
   for _ in range(args.batches):
     batch = next(it)
   seconds = time.perf_counter() - start
   assert batch["frames"].shape == (args.batch, args.snippets, args.image_size, args.image_size, 3)
   del it
+  TABLE.row(f"reader (frames, T={args.snippets}, {args.image_size} px)", workers, f"{args.batches / seconds:.2f}",
+            f"{args.batches * args.batch / seconds:.1f}", f"{1e3 * seconds / args.batches:.1f}", f"{first_s:.1f}")
   return args.batches / seconds
 
 
@@ -145,19 +159,23 @@ def bench_features(args, work: pathlib.Path) -> dict:
   records_dir = work / "feature_records"
   records_dir.mkdir()
   config = features_config(args, str(records_dir))
+  start = time.perf_counter()
   write_random_records(str(records_dir), config, count)
   mesh = sharding.make_mesh(config.mesh)
   batch_bytes = args.batch * args.snippets * (1 + args.regions) * args.dim * 2
   figures = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "records": count,
              "batch": args.batch, "snippets": args.snippets, "dim": args.dim, "regions": args.regions,
              "float16_batch_mib": batch_bytes / 2 ** 20}
-  print(f"features: {count} records of T={args.snippets} x (1 + R={args.regions}) x D={args.dim} float16, batch "
-        f"{args.batch} ({batch_bytes / 2 ** 20:.0f} MiB in float16) on {figures['device']}")
+  print(f"features: {count} records of T={args.snippets} x (1 + R={args.regions}) x D={args.dim} float16 written in "
+        f"{time.perf_counter() - start:.1f} s; batch {args.batch} ({batch_bytes / 2 ** 20:.0f} MiB in float16) on "
+        f"{figures['device']}", flush=True)
 
   grain_rates = {}
   for workers in args.workers:
+    start = time.perf_counter()
     iterator = pipeline.make_train_iterator(features_config(args, str(records_dir), workers), args.batch, seed=0)
     jax.block_until_ready(sharding.shard_batch(next(iterator), mesh))   # worker start-up, first read
+    first_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(args.batches):
       batch = jax.block_until_ready(sharding.shard_batch(next(iterator), mesh))
@@ -165,16 +183,21 @@ def bench_features(args, work: pathlib.Path) -> dict:
     assert batch["features"].shape == (args.batch, args.snippets, args.dim)
     del iterator
     figures[f"grain_batches_per_s_workers_{workers}"] = grain_rates[workers]
-    print(f"grain: workers={workers}: {grain_rates[workers]:.2f} batches/s (next batch + placing it on the devices)")
+    TABLE.row("grain (next batch placed on the devices)", workers, f"{grain_rates[workers]:.2f}",
+              f"{grain_rates[workers] * args.batch:.1f}", f"{1e3 / grain_rates[workers]:.1f}", f"{first_s:.1f}")
 
   start = time.perf_counter()
   split = resident.load(config, "train", sharding.batch_sharding(mesh), train=True)
   jax.block_until_ready(split.arrays)
   figures["resident_load_s"] = time.perf_counter() - start
+  print(f"resident: the split placed on the devices in {figures['resident_load_s']:.1f} s", flush=True)
   devices = mesh.size
   sampler = resident.EpochSampler(0, split.rows, args.batch // devices, split.blocks, devices)
+  start = time.perf_counter()
   batch = jax.block_until_ready(split.gather(split.device_rows(sampler.next())))
   batch = jax.block_until_ready(split.gather(split.device_rows(sampler.next()), into=batch))  # compiles
+  print(f"resident: gather compiled in {time.perf_counter() - start:.1f} s (first two batches)", flush=True)
+  first_s = figures["resident_load_s"] + time.perf_counter() - start
   start = time.perf_counter()
   for _ in range(args.resident_batches):   # each batch into the buffers of the spent one
     batch = jax.block_until_ready(split.gather(split.device_rows(sampler.next()), into=batch))
@@ -183,9 +206,10 @@ def bench_features(args, work: pathlib.Path) -> dict:
   best = max(grain_rates, key=grain_rates.get)
   figures["grain_batches_per_s"] = grain_rates[best]
   figures["resident_over_grain"] = figures["resident_batches_per_s"] / grain_rates[best]
-  print(f"resident: placed in {figures['resident_load_s']:.1f} s, then {figures['resident_batches_per_s']:.1f} "
-        f"batches/s (row numbers placed + on-device gather, blocked until ready)")
-  print(f"resident / grain (best, workers={best}): {figures['resident_over_grain']:.1f}x")
+  rate = figures["resident_batches_per_s"]
+  TABLE.row("resident (row numbers placed + on-device gather)", "-", f"{rate:.1f}", f"{rate * args.batch:.1f}",
+            f"{1e3 / rate:.2f}", f"{first_s:.1f}")
+  print(f"resident / grain (best, workers={best}): {figures['resident_over_grain']:.1f}x", flush=True)
   return figures
 
 
@@ -206,11 +230,10 @@ def main(argv):
   parser.add_argument("--skip-prep", action="store_true", help="reader only, on random frame records")
   args = parser.parse_args(argv)
 
-  print(f"host: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+  print(f"host: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
   if args.features:
     with tempfile.TemporaryDirectory() as tmp:
       figures = bench_features(args, pathlib.Path(tmp))
-    print(json.dumps(figures))
     if args.json:
       pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
@@ -220,13 +243,9 @@ def main(argv):
     records_dir, figures = (None, {}) if args.skip_prep else bench_prep(args, work)
     if records_dir is None:
       records_dir = random_frame_records(args, work / "random_records")
-      print(f"reader: over {args.videos} random frame records")
+      print(f"reader: over {args.videos} random frame records", flush=True)
     for workers in args.workers:
-      rate = bench_reader(records_dir, args, workers)
-      figures[f"reader_batches_per_s_workers_{workers}"] = rate
-      print(f"reader: workers={workers}: {rate:.2f} batches/s = {rate * args.batch:.1f} records/s "
-            f"(batch {args.batch}, T={args.snippets}, {args.image_size} px)")
-  print(json.dumps(figures))
+      figures[f"reader_batches_per_s_workers_{workers}"] = bench_reader(records_dir, args, workers)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
   return 0

@@ -14,12 +14,20 @@ product of the trip counts of the loops around it) and the executed dot FLOPs pe
 step and for the similarity dots (XLA's cost_analysis() counts a loop body once, so it cannot show this).
 Memory: XLA's per-device buffer sizes (memory_analysis) and the process's peak RSS (all fake devices).
 Features regime with a tiny text tower (width --dim, --depth layers) so the similarity levels dominate.
+
+Why hlo_flops here and not varcmp_jax.flops (the project's FLOP counter, which every other benchmark uses): this
+benchmark checks how XLA partitioned the step, so it must read what each device runs after SPMD partitioning,
+the compiled per-device HLO; the jaxpr that varcmp_jax.flops reads is the program before partitioning (all
+devices together), where a step that every device computes in full looks the same as one split over them. On
+the CPU the compiled HLO keeps its dots as `dot` instructions, so counting them there is complete.
+
+Output (benchmarks/run_all.py's convention): each run's phases as they happen (compiled, each timed step),
+streamed from its process, a table row per (task, chunk) the moment both of its runs are done.
 """
 import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -28,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # run from a checkout, no install needed
 import peak_memory  # benchmarks/peak_memory.py
 from hlo_flops import dot_report  # benchmarks/hlo_flops.py
+from report import RESULT, phase, run_child  # benchmarks/report.py
 
 GIB = 2.0 ** 30
 
@@ -97,9 +106,11 @@ def run_one(args, task: str, chunk: int) -> dict:
   state = trainer.init_state(seed=0)
   rng = np.random.default_rng(0)
   batches = [trainer.shard_batch(random_batch(config, rng)) for _ in range(2)]
+  label = f"{task}, chunk {chunk or 'none'}, {devices} device(s)"
   start = time.perf_counter()
   compiled = trainer.train_step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - start
+  phase(label, f"compiled in {compile_s:.1f} s")
   memory = compiled.memory_analysis()
   report = dot_report(compiled.as_text())
   state, metrics = compiled(state, batches[0])             # warmup
@@ -110,6 +121,7 @@ def run_one(args, task: str, chunk: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
     losses.append(float(metrics["loss"]))
+    phase(label, f"step {i + 1}/{args.repeats}: {1e3 * times[-1]:.1f} ms")
   return dict(task=task, chunk=chunk, devices=devices, batch=args.batch, T=args.snippets, R=args.region_grid ** 2,
               L=77, D=args.dim, step_s=float(np.median(times)), step_times_s=times, compile_s=compile_s,
               losses=losses, device_temp_gib=memory.temp_size_in_bytes / GIB if memory else None,
@@ -121,12 +133,11 @@ def run_one(args, task: str, chunk: int) -> dict:
 
 
 def spawn(argv, task: str, chunk: int, devices: int) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  out = subprocess.run([sys.executable, __file__, *argv, "--run", f"{task},{chunk}"], env=env,
-                       capture_output=True, text=True)
-  if out.returncode:
-    raise SystemExit(f"pod_scaling: the {task} chunk={chunk} run on {devices} devices failed:\n{out.stderr[-3000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
+  result = run_child([sys.executable, __file__, *argv, "--run", f"{task},{chunk}"], f"{task}, chunk {chunk}", env)
+  if result is None:
+    raise SystemExit(f"pod_scaling: the {task} chunk={chunk} run on {devices} devices failed")
+  return result
 
 
 def main(argv=None) -> int:
@@ -134,7 +145,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.run:
     task, chunk = args.run.split(",")
-    print(json.dumps(run_one(args, task, int(chunk))))
+    print(RESULT + json.dumps(run_one(args, task, int(chunk))), flush=True)
     return 0
   if args.batch % args.devices:
     raise SystemExit(f"pod_scaling: --batch {args.batch} does not split over --devices {args.devices}")
@@ -142,7 +153,7 @@ def main(argv=None) -> int:
   print(f"| task | chunk | step s, 1 device | step s, {args.devices} devices | total-work ratio (time) | "
         f"ratio (executed dot FLOPs) | similarity GFLOP/device, 1 / {args.devices} | per-device temp GiB, 1 / "
         f"{args.devices} | peak RSS GiB, 1 / {args.devices} | loss 1 / {args.devices} |")
-  print("| --- " * 10 + "|")
+  print("| --- " * 10 + "|", flush=True)
   for task in args.tasks.split(","):
     for chunk in (int(c) for c in args.chunks.split(",")):
       one, many = (spawn(argv, task, chunk, n) for n in (1, args.devices))
@@ -152,7 +163,7 @@ def main(argv=None) -> int:
       print(f"| {task} | {chunk or 'none'} | {one['step_s']:.2f} | {many['step_s']:.2f} | {ratio:.2f} | "
             f"{flops_ratio:.2f} | {one['similarity_dot_flops'] / 1e9:.1f} / {many['similarity_dot_flops'] / 1e9:.1f} | "
             f"{one['device_temp_gib']:.3f} / {many['device_temp_gib']:.3f} | {one['peak_rss_gib']:.2f} / "
-            f"{many['peak_rss_gib']:.2f} | {one['losses'][-1]:.5f} / {many['losses'][-1]:.5f} |")
+            f"{many['peak_rss_gib']:.2f} | {one['losses'][-1]:.5f} / {many['losses'][-1]:.5f} |", flush=True)
   for row in rows:
     for run in (row["one"], row["many"]):
       print(f"\n{run['task']}, chunk {run['chunk'] or 'none'}, {run['devices']} device(s): similarity dots per device")

@@ -7,6 +7,8 @@
 command (`python -m data_prep.prep ...`, imports and worker start-up included, as a user runs it), the
 local one first; wall time and the CPU time of the command and its worker processes are printed, with the
 ratio beam / local, and the two outputs are checked to hold the same record bytes in the same shards.
+Output (benchmarks/run_all.py's convention): each phase as it happens, each runner's table row the moment it is
+measured, then the ratio line `beam / local: X.XXx wall, X.XXx cpu`.
 """
 import argparse
 import json
@@ -19,6 +21,8 @@ import tempfile
 import time
 
 from array_record.python.array_record_module import ArrayRecordReader
+
+from report import Table  # benchmarks/report.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -61,25 +65,25 @@ def main():
     work = pathlib.Path(tmp)
     videos = pathlib.Path(args.videos_dir) if args.videos_dir else work / "videos"
     if not args.videos_dir:
+      start = time.perf_counter()
       subprocess.run([sys.executable, "-m", "data_prep.synth", "--out", str(videos), "--videos",
                       str(args.videos), "--seed", "0", "--workers", str(args.workers)],
                      cwd=REPO, check=True, capture_output=True)
+      print(f"synth: {args.videos} videos written in {time.perf_counter() - start:.1f} s (untimed)", flush=True)
     count = sum(1 for _ in videos.glob("*.mp4"))
+    print(f"{count} videos, T={args.snippets}, {args.image_size} px, {args.workers} workers, shard size "
+          f"{args.shard_size}, load average {os.getloadavg()[0]:.1f}", flush=True)
     common = [sys.executable, "-m", "data_prep.prep", "--dataset", "folder", "--videos", str(videos),
               "--captions", str(videos / "captions.csv"), "--snippets", str(args.snippets), "--image-size",
               str(args.image_size), "--shard-size", str(args.shard_size), "--workers", str(args.workers)]
-    figures = {}
+    figures, table = {}, Table("runner", "wall s", "cpu s", "videos/s")
     for runner in ("local", "beam"):
-      figures[runner] = timed(common + ["--out", str(work / runner), "--runner", runner])
-    same = shard_bytes(work / "local") == shard_bytes(work / "beam")
-
-  print(f"{count} videos, T={args.snippets}, {args.image_size} px, {args.workers} workers, shard size "
-        f"{args.shard_size}, load average {os.getloadavg()[0]:.1f}")
-  for runner, (wall, cpu) in figures.items():
-    print(f"  {runner:5s}  wall {wall:7.1f} s  cpu {cpu:7.1f} s  {count / wall:6.2f} videos/s")
-  (local_wall, local_cpu), (beam_wall, beam_cpu) = figures["local"], figures["beam"]
-  print(f"  beam / local: wall {beam_wall / local_wall:.2f}x, cpu {beam_cpu / local_cpu:.2f}x; "
-        f"same records in the same shards: {same}")
+      print(f"  {runner}: prep started", flush=True)
+      wall, cpu = figures[runner] = timed(common + ["--out", str(work / runner), "--runner", runner])
+      table.row(runner, f"{wall:.1f}", f"{cpu:.1f}", f"{count / wall:.2f}")
+    (local_wall, local_cpu), (beam_wall, beam_cpu) = figures["local"], figures["beam"]
+    print(f"beam / local: {beam_wall / local_wall:.2f}x wall, {beam_cpu / local_cpu:.2f}x cpu", flush=True)
+    print(f"same records in the same shards: {shard_bytes(work / 'local') == shard_bytes(work / 'beam')}", flush=True)
 
 
 if __name__ == "__main__":

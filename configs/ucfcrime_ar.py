@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
   if regime == "released":
     c.data.snippets = 256
     c.model.video_features.dim = 0                      # CLIP ViT-B/16 image embeddings: the joint space
+    c.model.clip_checkpoint = "required"                # the features' CLIP: train/eval refuse to run without one
     c.loss.levels = dict(video=1.0, frame=1.0, spatial=0.0)   # released features have no region tokens
     c.train.batch_size = 128
     c.train.lr_mult = dict(image=0.0, text=0.1, audio=1.0, heads=1.0)

@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import datasets, released, row
+from varcmp_jax.data import records_check
 from data_prep.decode import DecodeOptions
 
 JOB_FILE = "job.json"
@@ -102,6 +103,7 @@ class ShardWriter:
     self.writer = None
     self.videos, self.skipped, self.shapes, self.dtypes = [], [], {}, {}
     self.fields = collections.Counter()
+    self.caption_words = collections.Counter()    # words per caption (tokens between <BOS> and <EOS>)
 
   def add(self, record: dict, encoded: bytes):
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -114,6 +116,9 @@ class ShardWriter:
         self.shapes.setdefault(key, list(np.shape(value)))
         self.dtypes.setdefault(key, str(np.asarray(value).dtype))
     self.fields.update([k for k in COUNTED_FIELDS if k in record] + (["caption"] if record["caption"] else []))
+    if record["caption"] and "tokens" in record:
+      from varcmp_jax.clip.tokenizer import word_counts   # jax/flax: in the writer, not in decoding workers
+      self.caption_words[int(word_counts(record["tokens"]))] += 1
 
   def put(self, video: str, status: str, value):
     """One row's build_record result, tokens included: a record is encoded and written, a skip listed."""
@@ -129,7 +134,7 @@ class ShardWriter:
       os.replace(self.tmp, os.path.join(self.out_dir, self.name))
     entry = {"shard": self.name, "split": self.split, "records": len(self.videos), "videos": self.videos,
              "skipped": self.skipped, "shapes": self.shapes, "dtypes": self.dtypes,
-             "fields": {"caption": 0, **self.fields}}
+             "fields": {"caption": 0, **self.fields}, "caption_words": {str(k): n for k, n in self.caption_words.items()}}
     write_json(os.path.join(self.out_dir, JOURNAL_DIR, self.name + ".json"), entry)
     return entry
 
@@ -158,6 +163,9 @@ def build_manifest(job: dict, shards, done: dict[str, dict], early_skips: list[d
     for key, count in entry.get("fields", {}).items():
       info["fields"][key] = info["fields"].get(key, 0) + count
     info["mel_records"] += entry.get("fields", {}).get("mel", 0)
+    for words, n in entry.get("caption_words", {}).items():
+      histogram = info.setdefault("caption_words", {})
+      histogram[words] = histogram.get(words, 0) + n
     skipped += entry["skipped"]
   return {"splits": splits, "skipped": skipped, "format": "array_record", "record_codec": "varcmp_jax.data.records",
           **{k: job[k] for k in JOB_KEYS}, "runner": runner, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -459,6 +467,11 @@ def finish_job(job: Job) -> int:
         f"skipped {len(manifest['skipped'])} videos" + (":" if manifest["skipped"] else ""))
   if manifest["skipped"]:
     print(skip_summary(manifest["skipped"]))
+  # What sizes the text tower's word budget (config.model.max_words).
+  words = [f"{split} {records_check.describe_words(histogram)}" for split, info in sorted(manifest["splits"].items())
+           if (histogram := records_check.caption_words(info))]
+  if words:
+    print("caption words: " + "; ".join(words))
   if records == 0:
     print(f"varcmp prep: no records written: every row was skipped (reasons above and in "
           f"{os.path.join(out, 'manifest.json')})", file=sys.stderr)

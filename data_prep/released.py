@@ -7,8 +7,12 @@
 A pattern is a path with `{video}` (the dataset reader's video id, no extension), optionally `{crop}` (one
 file per crop, numbered 0..C-1) and glob wildcards (class subfolders): `/data/ucf/clip/*/{video}__{crop}.npy`.
 Arrays are .npy: features (N, D) or (N, C, D) with the crops inside; priors (N,) or (N, 1). Row i covers
-[i S, (i+1) S] seconds. Every problem with an array is an `ArrayError` whose reason prep lists as a skip.
+[i S, (i+1) S] seconds. Every problem with an array is an `ArrayError` whose reason prep lists as a skip:
+not a .npy file, a header claiming more data than the file holds (checked before anything is allocated), an
+object (pickled) array, non-numeric, empty, non-finite or beyond float16, misshapen, of another width or crop
+count than the release's, or covering far less or more time than the video.
 """
+import contextlib
 import dataclasses
 import fnmatch
 import glob
@@ -17,11 +21,21 @@ import re
 
 import numpy as np
 
+from varcmp_jax.data import npy_file
+
 # An array must cover at least this share of the video (and at most its inverse): a larger gap means
-# the clip length (--*-clip-seconds) or the file is wrong, and resampling would smear or stretch it.
+# the clip length (--*-clip-seconds) or the file is wrong, and resampling would smear or stretch it (100 VGGish
+# rows of 0.96 s for a 13 s video). Not tighter: releases round the last clip differently (dropped, padded,
+# VGGish's 0.96 s windows beside I3D's 16 frames), and for a video a few rows long one row is a large share.
 MIN_COVERAGE = 0.5
 # Values of a prior may stray this far outside [0, 1] (rounding in the release).
 PRIOR_SLACK = 1e-3
+# Feature values beyond float16's range: a record stores visual features in float16, and values this large in
+# any feature (1e38 in an array) overflow the towers' LayerNorm into NaN, so such an array is refused.
+FEATURE_MAX = float(np.finfo(np.float16).max)
+# A per-video array this large is no release's ((N, 10, 512) float32 at UCF's 0.533 s rows: 31 hours of
+# video): it is refused before it is read, instead of exhausting memory.
+MAX_ARRAY_BYTES = 4 * 2**30
 # How many readable arrays `probe` reads to find the release's width and crop count.
 PROBE_ARRAYS = 8
 
@@ -83,30 +97,30 @@ def find_files(pattern: str, video: str, crop: int | None = None) -> list[tuple[
   return [(number, paths[0]) for number, paths in sorted(found.items(), key=lambda kv: kv[0] or 0)]
 
 
-def _read(path: str) -> np.ndarray:
+def _read(path: str, label: str, max_bytes: int) -> np.ndarray:
+  """The numeric, non-empty, finite array of a .npy file; its header is checked before anything is allocated
+  (varcmp_jax.data.npy_file), so a lying header or a pickle costs nothing. ArrayErrors name `label`."""
   try:
-    array = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError) as e:   # truncated, not .npy, or an object array
-    raise ArrayError(f"unreadable: {os.path.basename(path)}: {e}") from None
-  if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.floating)
-                                               or np.issubdtype(array.dtype, np.integer)):
-    raise ArrayError(f"not numeric: {os.path.basename(path)} holds {getattr(array, 'dtype', type(array))}")
+    array = npy_file.load(path, max_bytes=max_bytes, name=label)
+  except npy_file.NpyError as e:
+    raise ArrayError(f"unreadable: {e}") from None
+  except MemoryError:
+    raise ArrayError(f"unreadable: {label}: no memory for its {os.path.getsize(path):,} bytes") from None
+  if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    raise ArrayError(f"not numeric: {label} holds {array.dtype}")
   if array.size == 0:
-    raise ArrayError(f"empty: {os.path.basename(path)} has shape {array.shape}")
+    raise ArrayError(f"empty: {label} has shape {array.shape}")
   bad = int(np.sum(~np.isfinite(array))) if np.issubdtype(array.dtype, np.floating) else 0
   if bad:
-    raise ArrayError(f"non-finite: {os.path.basename(path)} has {bad} NaN or inf values")
+    raise ArrayError(f"non-finite: {label} has {bad} NaN or inf values")
   return array
 
 
-def _crops_axis(source: ArraySource, video: str) -> np.ndarray:
-  """(N, C, D) float32 for features, (N, 1, 1) for a prior: the video's arrays with the crops on axis 1."""
-  crop = int(source.crops) if source.whole_file_crop else None
-  files = find_files(source.pattern, video, crop)
+def _crops_axis(source: ArraySource, files: list[tuple[str, str]], max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
+  """(N, C, D) float32 for features, (N, 1, 1) for a prior: the arrays of [(path, label)] with the crops on axis 1."""
   arrays = []
-  for _, path in files:
-    array = _read(path)
-    name = os.path.basename(path)
+  for path, name in files:
+    array = _read(path, name, max_bytes)
     if source.is_prior:
       if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
@@ -130,24 +144,51 @@ def _crops_axis(source: ArraySource, video: str) -> np.ndarray:
   return np.concatenate(arrays, axis=1).astype(np.float32)
 
 
+def _video_files(source: ArraySource, video: str) -> list[tuple[str, str]]:
+  """[(path, its name in reasons)] of the video's files, in crop order (only crop K's for --crops K with {crop})."""
+  crop = int(source.crops) if source.whole_file_crop else None
+  return [(path, os.path.basename(path)) for _, path in find_files(source.pattern, video, crop)]
+
+
 def load_rows(source: ArraySource, video: str) -> np.ndarray:
   """The video's rows with the crops applied: (N, D) float32 features, or (N,) float32 prior.
 
   ArrayError's reason starts with the source's name: "visual features missing: no file matches ...".
   """
+  with _reasons_named(source):
+    return _checked_rows(source, _video_files(source, video))
+
+
+def load_file(source: ArraySource, path: str, label: str, max_bytes: int) -> np.ndarray:
+  """The rows of one given file (a query; `source.pattern` is not used), checked as load_rows checks a video's,
+  reading at most `max_bytes` of data. Every reason names the file as `label` (the user's name for it)."""
+  with _reasons_named(source):
+    return _checked_rows(source, [(path, label)], max_bytes)
+
+
+@contextlib.contextmanager
+def _reasons_named(source: ArraySource):
+  """ArrayErrors leave with the source's name in front: "visual features missing: no file matches ..."."""
   try:
-    return _rows(source, video)
+    yield
   except ArrayError as e:
     raise ArrayError(f"{source.name} {e.reason}") from None
 
 
-def _rows(source: ArraySource, video: str) -> np.ndarray:
-  array = _crops_axis(source, video)
+def _checked_rows(source: ArraySource, files: list[tuple[str, str]], max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
+  what = files[0][1] if len(files) == 1 else f"its {len(files)} crop files"
+  return _rows(source, _crops_axis(source, files, max_bytes), what)
+
+
+def _rows(source: ArraySource, array: np.ndarray, what: str) -> np.ndarray:
+  """(N, C, D) -> the source's rows, checked against its width, crops and range; `what` names the file(s)."""
   if source.is_prior:
     low, high = float(array.min()), float(array.max())
     if low < -PRIOR_SLACK or high > 1 + PRIOR_SLACK:
-      raise ArrayError(f"out of range: values {low:.3g}..{high:.3g}, a prior is in [0, 1]")
+      raise ArrayError(f"out of range: values {low:.3g}..{high:.3g} in {what}, a prior is in [0, 1]")
     return np.clip(array[:, 0, 0], 0.0, 1.0)
+  if np.abs(array).max() > FEATURE_MAX:
+    raise ArrayError(f"out of range: values beyond float16 (|x| > {FEATURE_MAX:g}) in {what}")
   crops = array.shape[1]
   if source.width is not None and array.shape[2] != source.width:
     raise ArrayError(f"width: {array.shape[2]}, the release's width is {source.width}")
@@ -208,7 +249,7 @@ def probe(source: ArraySource, videos: list[str]) -> ArraySource:
   seen, open_source = [], dataclasses.replace(source, crops=None if source.crops is None else "mean")
   for video in videos:
     try:
-      array = _crops_axis(open_source, video)
+      array = _crops_axis(open_source, _video_files(open_source, video))
     except ArrayError:
       continue
     seen.append((array.shape[2], array.shape[1]))

@@ -69,6 +69,21 @@ def search(driver, url: str, query: str, timeout: float = 60) -> list[dict]:
       " thumbnail_width: li.querySelector('img.thumb').naturalWidth}))")
 
 
+def layout(driver) -> dict:
+  """The page's horizontal layout (CSS px): the document's scrollWidth, the window's innerWidth and, per hit, its
+  name, its chart's time axis (the axis line's left and right x) and its strip's thumbnails (left, right x and the
+  snippet slot of the keyframe each shows), in page order."""
+  return driver.execute_script("""
+      const box = (node) => node.getBoundingClientRect();
+      const hits = [...document.querySelectorAll('#hits li.hit')].map((li) => ({
+        name: li.querySelector('.name').textContent,
+        axis: [box(li.querySelector('svg.curves line.axis')).left, box(li.querySelector('svg.curves line.axis')).right],
+        thumbnails: [...li.querySelectorAll('.strip figure')].map((figure) => ({
+          left: box(figure).left, right: box(figure).right,
+          slot: Number(figure.querySelector('img').getAttribute('src').split('/').pop())}))}));
+      return {scroll_width: document.documentElement.scrollWidth, inner_width: window.innerWidth, hits};""")
+
+
 def screenshot(driver, path: str, width: int = 1200) -> str:
   """The whole page as a PNG at `path` (the window grown to the page's height)."""
   for _ in range(3):   # the window's outer size includes what is not page: grow until the page fits

@@ -141,9 +141,9 @@ def test_config_from_dict_and_hf_round_trip():
   config = clip.CLIPConfig.from_dict(cfg.model.clip, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                                      attention_impl=cfg.model.attention_impl, remat=cfg.model.remat)
   assert (config.vision.patch_size, config.vision.hidden_size, config.text.hidden_size) == (16, 768, 512)
-  assert (config.dtype, config.attention_impl) == ("bfloat16", "xla")
-  assert clip.CLIPConfig.from_hf(config.to_hf(), dtype="bfloat16", attention_impl="xla") == config
-  assert clip.CLIPConfig.from_dict(config.to_dict(), dtype="bfloat16", attention_impl="xla") == config
+  assert (config.dtype, config.attention_impl) == ("bfloat16", "auto")
+  assert clip.CLIPConfig.from_hf(config.to_hf(), dtype="bfloat16") == config
+  assert clip.CLIPConfig.from_dict(config.to_dict(), dtype="bfloat16", attention_impl=None) == config
   tiny = clip.CLIPConfig.from_dict(varcmp_config.clip_tiny(image_size=48, patch_size=16, width=96))
   assert (tiny.vision.grid, tiny.vision.hidden_size, tiny.text.num_attention_heads) == ((3, 3), 96, 3)
   with pytest.raises(ValueError, match="hidden_sizes"):

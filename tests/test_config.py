@@ -193,3 +193,80 @@ def test_a_config_file_that_does_not_load_is_one_line(tmp_path):
   assert failed(error)
   assert f"--config {broken}: cannot load it: SyntaxError" in str(error.value) and "\n" not in str(error.value)
   assert not (tmp_path / "run").exists()
+
+
+def test_bundled_configs_by_name_from_any_directory(tmp_path, monkeypatch):
+  """`--config NAME[:arg]` finds the configs the package ships from any directory; a FILE still works; an unknown
+  name is one line listing the bundled ones."""
+  from varcmp_jax import command_flags
+  from varcmp_jax.train import main as train_main_lib
+  assert command_flags.bundled_names() == sorted(p.stem for p in CONFIGS.glob("*.py"))
+  monkeypatch.chdir(tmp_path)                 # not the repository: configs/ is not here
+  config = command_flags.load_config_file("xdviolence_ar:released")
+  assert (config.task, config.model.audio.kind, config.data.snippets) == ("audio", "features", 128)
+  assert command_flags.load_config_file("synthetic.py:audio").to_dict() == load_config("synthetic", "audio").to_dict()
+  values = command_flags.parse(["--config", "tiny_text:features", "--workdir", str(tmp_path / "run"),
+                                "--config.data.records=/r"], "varcmp train")
+  assert values.config.regime == "features"
+  assert command_flags.config_source(values) == str(CONFIGS / "tiny_text.py") + ":features"
+  (tmp_path / "configs").mkdir()              # a file of the user's own wins over a bundled name
+  (tmp_path / "configs" / "mine.py").write_text((CONFIGS / "tiny_text.py").read_text().replace("= 8", "= 4", 1))
+  assert command_flags.load_config_file("configs/mine.py").train.batch_size == 4
+  for spec in ("nosuch:released", "configs/synthetic.py"):      # (no configs/synthetic.py in this directory)
+    with pytest.raises(SystemExit) as error:
+      train_main_lib.train_main(["--config", spec, "--workdir", str(tmp_path / "run"), "--config.data.records=/r"])
+    message = str(error.value)
+    assert message.startswith(f"varcmp train: --config {spec.split(':')[0]}: no such file, and not a bundled config "
+                              "(bundled, usable by name from any directory: synthetic, tiny_audio, tiny_text, "
+                              "ucfcrime_ar, xdviolence_ar;") and "\n" not in message
+  assert not (tmp_path / "run").exists()
+
+
+def test_ucf_released_needs_the_clip_checkpoint_or_an_explicit_random_tower(tmp_path):
+  """Its features are CLIP's: training a random text tower against them would run, silently, and learn nothing
+  useful; the command says so and how to opt in."""
+  from varcmp_jax import command_flags
+  argv = ["--config", "ucfcrime_ar:released", "--workdir", str(tmp_path / "run"), "--config.data.records=/r"]
+  with pytest.raises(SystemExit) as error:
+    command_flags.parse(argv, "varcmp train")
+  assert str(error.value) == (
+      "varcmp train: --config ucfcrime_ar:released: model.clip_checkpoint is required: the text tower must be the "
+      "CLIP whose image tower made the features (OpenAI CLIP ViT-B/16, a HF CLIPModel directory): pass "
+      "--config.model.clip_checkpoint=/path/to/clip-vit-base-patch16, or --config.model.clip_checkpoint= (empty) to "
+      "train a random text tower on purpose")
+  assert command_flags.parse(argv + ["--config.model.clip_checkpoint=/ckpt"], "varcmp train").config.model \
+      .clip_checkpoint == "/ckpt"
+  assert command_flags.parse(argv + ["--config.model.clip_checkpoint="], "varcmp train").config.model \
+      .clip_checkpoint == ""
+  for other in ("ucfcrime_ar:features", "xdviolence_ar:released"):       # they do not ask for it
+    assert command_flags.parse(["--config", other] + argv[2:], "varcmp train")
+
+
+def test_train_refuses_an_empty_split_and_a_batch_larger_than_the_split(tmp_path, capsys):
+  """One line, exit 1, before anything is built: no train records (every video skipped), or fewer train records
+  than a batch (each batch would repeat videos, and InfoNCE's diagonal would count a copy as a negative)."""
+  import json
+  from test_checkpoint import write_feature_records
+  from varcmp_jax.train import main as train_main_lib
+  empty = write_feature_records(tmp_path / "empty", splits=(("train", 0), ("test", 8)))
+  manifest = json.loads((empty / "manifest.json").read_text())
+  manifest["splits"]["train"]["shards"] = []          # as `varcmp prep` writes a split whose rows were all skipped
+  (empty / "manifest.json").write_text(json.dumps(manifest))
+  small = write_feature_records(tmp_path / "small", splits=(("train", 5), ("test", 8)))
+  for records, expected in [
+      (empty, f"data.train_split='train': that split of {empty / 'manifest.json'} has no records"),
+      (small, f"train.batch_size=8, and the 'train' split of {small / 'manifest.json'} holds 5 records: every batch "
+              "would repeat videos (the contrastive loss needs 8 distinct ones): set --config.train.batch_size to at "
+              "most 5")]:
+    with pytest.raises(SystemExit) as error:
+      train_main_lib.train_main(["--config", str(CONFIGS / "tiny_text.py") + ":features", "--workdir",
+                                 str(tmp_path / "run"), f"--config.data.records={records}"])
+    assert failed(error) and str(error.value).startswith("varcmp train: ") and expected in str(error.value)
+    assert "\n" not in str(error.value) and "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+  from varcmp_jax import evaluate               # an evaluation of the split: its records, not the train batch
+  config = load_config("tiny_text", "features")
+  config.data.records, config.train.batch_size = str(small), 64
+  evaluate.check_records(config, "test")
+  with pytest.raises(evaluate.RunError, match="train.batch_size=64"):
+    evaluate.check_records(config, "train")

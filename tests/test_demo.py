@@ -40,3 +40,38 @@ def test_demo_text_and_audio_halves(tmp_path, capsys):
   assert set(metrics.directions(result)) == {"audio_to_video", "video_to_audio"}
   assert metrics.format_table(result) in out and "query: audio of synth_" in out
   assert "varcmp demo --task text" in out[out.index("\nnext:\n"):]
+
+
+def training_log(workdir, records, cpus: set[int], cache) -> list[tuple[float, float]]:
+  """(loss, grad_norm) of every step of the tiny training, run in a process pinned to `cpus`, its compiled step
+  cached in `cache`."""
+  import subprocess
+  import sys
+  from test_checkpoint import train_command
+  from test_sharding import subprocess_env
+  from varcmp_jax.train import metrics_log
+  pinned = (f"import os, runpy, sys; os.sched_setaffinity(0, {sorted(cpus)}); sys.argv[0] = 'varcmp'; "
+            "runpy.run_module('varcmp_jax.cli', run_name='__main__')")      # pinned before jax starts its threads
+  command = train_command(workdir, records)
+  assert command[1:3] == ["-m", "varcmp_jax.cli"]
+  result = subprocess.run([sys.executable, "-c", pinned, *command[3:]], capture_output=True, text=True, timeout=600,
+                          env=subprocess_env(JAX_COMPILATION_CACHE_DIR=str(cache)))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [(row["loss"], row["grad_norm"]) for row in metrics_log.read_jsonl(str(workdir / "metrics.jsonl"))]
+
+
+def test_training_reruns_bit_for_bit_on_the_same_number_of_cores(tmp_path):
+  """What the README claims about determinism: a rerun with the same number of cores (another core, the step
+  loaded from the compilation cache) gives bitwise the same losses and gradients; another number of cores may
+  round differently (XLA's CPU kernels split sums over the cores), so there only closeness is asserted."""
+  import os
+  import numpy as np
+  from test_checkpoint import write_feature_records
+  records = write_feature_records(tmp_path / "records")
+  cpus = sorted(os.sched_getaffinity(0))
+  first = training_log(tmp_path / "first", records, {cpus[0]}, tmp_path / "cache")
+  again = training_log(tmp_path / "again", records, {cpus[-1]}, tmp_path / "cache")
+  assert len(first) == 6 and again == first
+  if len(cpus) > 1:
+    two_cores = training_log(tmp_path / "two_cores", records, set(cpus[:2]), tmp_path / "cache_two_cores")
+    np.testing.assert_allclose(two_cores, first, rtol=1e-4)

@@ -103,3 +103,17 @@ def test_throughput_rides_with_the_metrics(tmp_path, monkeypatch):
   tags = {v.tag for e in read_events(tmp_path / "tensorboard") for v in e.summary.value}
   assert tags == {"train/loss", "throughput/step_time_s", "throughput/input_wait_s", "throughput/samples_per_s",
                   "throughput/tflops_per_s"}
+
+
+def test_mfu_is_model_flops_per_second_against_every_devices_peak(monkeypatch):
+  # 4 devices of 1 TFLOP/s peak, 2 TFLOP a step, 2 steps in 1 s: 4 TFLOP/s of 4 -> MFU 1.0; 8 devices: 0.5.
+  from varcmp_jax import flops
+  for devices, mfu in ((4, 1.0), (8, 0.5)):
+    clock = iter([0.0, 1.0, 1.0])
+    monkeypatch.setattr(metrics_log.time, "perf_counter", lambda: next(clock))
+    meter = metrics_log.Throughput(batch_size=1, flops_per_step=2e12, peak=flops.Peak(1e12, 1e12), devices=devices)
+    meter.stepped()
+    meter.stepped()
+    assert meter.report()["mfu"] == pytest.approx(mfu)
+  clock = iter([0.0, 1.0, 1.0])
+  assert "mfu" not in metrics_log.Throughput(batch_size=1, flops_per_step=2e12).report()   # no peak (a CPU)

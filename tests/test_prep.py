@@ -110,8 +110,14 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, mixed_folder, task, worke
   assert {"video": "good.mp4", "reason": "duplicate entry in the train split"} in manifest["skipped"]
   unicode_record = next(r for r in records["train"] if r["video"] == "vidéo_ünï.mp4")
   assert unicode_record["caption"] == "ünïcode caption"
-  assert f"skipped {len(manifest['skipped'])} videos" in capsys.readouterr().out
+  out_text = capsys.readouterr().out
+  assert f"skipped {len(manifest['skipped'])} videos" in out_text
   assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+  # The summary gives the caption lengths (text records only: an audio record's blank caption has none).
+  lengths = sorted(list(r["tokens"]).index(49407) - 1 for r in records["train"] if r["caption"])
+  if task == "text":
+    assert f"caption words: train p50 {lengths[(len(lengths) + 1) // 2 - 1]}, " in out_text
+    assert f"max {lengths[-1]} words" in out_text
 
 
 def test_ucfcrime_release_with_a_non_text_caption(tmp_path):
@@ -176,6 +182,12 @@ def test_killed_job_resumes_with_every_video_exactly_once(tmp_path):
   names = sorted(r["video"] for split in records.values() for r in split)
   assert names == sorted(f"v{i}.mp4" for i in range(8))
   assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+  # The caption word counts (what sizes model.max_words) survive the kill: from the shards' journal entries.
+  manifest = json.loads((out / "manifest.json").read_text())
+  for split, split_records in records.items():
+    lengths = [list(r["tokens"]).index(49407) - 1 for r in split_records]
+    expected = {str(n): lengths.count(n) for n in set(lengths)}
+    assert manifest["splits"][split]["caption_words"] == expected
 
 
 def test_exit_codes_for_jobs_that_cannot_run(tmp_path, mixed_folder):

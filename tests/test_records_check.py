@@ -107,3 +107,31 @@ def test_the_pipeline_checks_before_reading(tmp_path):
   config.data.snippets = 12
   with pytest.raises(records_check.RecordsMismatch, match=r"'test' records.*\n  data.snippets=12"):
     pipeline.make_eval_iterator(config, "test", 2)
+
+
+def word_manifest(train, test):
+  return {"splits": {"train": {"caption_words": {str(k): n for k, n in train.items()}},
+                     "test": {"caption_words": {str(k): n for k, n in test.items()}} if test is not None else {}}}
+
+
+def test_word_budget_is_the_longest_caption_or_says_what_it_cuts():
+  config = config_lib.default_config("text", "features")
+  config.data.records = "/data/ucf"
+  histograms = ({17: 80, 38: 19, 50: 1}, {21: 9, 49: 1})
+  assert records_check.word_budget(config, word_manifest(*histograms), ("train", "test")) == (50, [])
+  config.model.max_words = 40
+  budget, notes = records_check.word_budget(config, word_manifest(*histograms), ("train", "test"))
+  assert budget == 40 and len(notes) == 2
+  assert notes[0].startswith("1 of 100 'train' captions have more than model.max_words=40 words (p50 17, p99 38, "
+                             "max 50 words)")
+  assert notes[1].startswith("1 of 10 'test' captions")
+  # Records from a prep that did not count words: all 75 words, and a note that says how to size it.
+  config.model.max_words = 0
+  budget, notes = records_check.word_budget(config, word_manifest({9: 3}, None), ("train", "test"))
+  assert budget == config_lib.MAX_WORDS and "/data/ucf/manifest.json does not count caption words" in notes[0]
+
+
+def test_describe_words_percentiles_by_hand():
+  # 100 captions: 50 of 10 words, 49 of 20, 1 of 30 -> the 50th is 10 words, the 99th 20, the longest 30.
+  assert records_check.describe_words({10: 50, 20: 49, 30: 1}) == "p50 10, p99 20, max 30 words"
+  assert records_check.describe_words({}) == "no captions"

@@ -15,6 +15,7 @@ import pytest
 
 from data_prep import datasets, prep, released, row
 from data_prep.decode import snippet_times
+from test_npy_file import Payload, lying_npy
 from test_prep import read_records
 
 XD_I3D_SECONDS, VGGISH_SECONDS, UCF_SECONDS = 16 / 24, 0.96, 16 / 30
@@ -160,13 +161,15 @@ def test_ucf_release_records_from_class_folders(tmp_path, ucf_release):
   out = tmp_path / "records"
   assert prep.main(["--dataset", "ucfcrime_ar", "--captions", str(ucf_release), "--out", str(out),
                     "--visual-features", str(ucf_release / "clip" / "*" / "{video}__{crop}.npy"),
-                    "--visual-clip-seconds", str(UCF_SECONDS), "--crops", "0", "--snippets", "8",
+                    "--visual-clip-seconds", str(UCF_SECONDS), "--crops", "7", "--snippets", "8",
                     "--workers", "1"]) == 0
   records = read_records(str(out))
   assert [r["video"] for r in records["test"]] == [n for n, _ in UCF_ROWS["test"]]
   arrest = records["test"][0]
-  crop0 = np.load(ucf_release / "clip" / "Arrest" / "Arrest001_x264__0.npy")
-  np.testing.assert_allclose(arrest["features"], reference_resample(crop0, UCF_SECONDS, arrest["times"]), atol=2e-3)
+  crops = [np.load(ucf_release / "clip" / "Arrest" / f"Arrest001_x264__{k}.npy") for k in (7, 0)]
+  seventh, first = (reference_resample(crop, UCF_SECONDS, arrest["times"]) for crop in crops)
+  np.testing.assert_allclose(arrest["features"], seventh, atol=2e-3)       # --crops 7: crop 7's file
+  assert np.abs(arrest["features"] - first).max() > 0.05
   assert arrest["caption"] == "police arrest a man" and arrest["tokens"][0] == 49406
 
 
@@ -178,6 +181,12 @@ def test_crops_inside_the_array_and_layouts(tmp_path):
   np.testing.assert_allclose(released.load_rows(source, "Abuse001_x264"), ten_crop.mean(axis=1), atol=1e-6)
   third = released.ArraySource("visual features", source.pattern, UCF_SECONDS, crops="3")
   np.testing.assert_array_equal(released.load_rows(third, "Abuse001_x264"), ten_crop[:, 3])
+  # One file per crop, --crops 2: only crop 2's file is read (the others may be broken).
+  for crop in range(4):
+    np.save(tmp_path / f"Arrest001_x264__{crop}.npy", ten_crop[:, crop])
+  (tmp_path / "Arrest001_x264__0.npy").write_bytes(b"not an array")
+  per_file = released.ArraySource("visual features", str(tmp_path / "{video}__{crop}.npy"), UCF_SECONDS, crops="2")
+  np.testing.assert_array_equal(released.load_rows(per_file, "Arrest001_x264"), ten_crop[:, 2])
   assert released.probe(source, ["absent", "Abuse001_x264"]).width == 4
   assert released.probe(source, ["Abuse001_x264"]).num_crops == 10
   np.save(tmp_path / "p.npy", np.array([0.1, 0.9]))
@@ -200,6 +209,21 @@ def broken_arrays(root):
       np.save(root / "i3d" / f"{video}__{crop}.npy", make(crop))
 
   good = lambda crop: rng.normal(size=(20, 24)).astype(np.float32)
+  # Hostile files: a header claiming 466 TiB over 1 KB, a pickled object array, random bytes, values of 1e38.
+  crops("Huge_label_A", good)
+  lying_npy(root / "i3d" / "Huge_label_A__1.npy", (10 ** 12, 24))
+  cases["Huge_label_A"] = ("visual features unreadable: Huge_label_A__1.npy: truncated: its header says shape "
+                           "(1000000000000, 24) float32")
+  crops("Pickle_label_A", good)
+  np.save(root / "i3d" / "Pickle_label_A__0.npy", np.array([Payload(), 1], dtype=object), allow_pickle=True)
+  cases["Pickle_label_A"] = "visual features unreadable: Pickle_label_A__0.npy: holds Python objects"
+  crops("Random_label_A", good)
+  (root / "i3d" / "Random_label_A__3.npy").write_bytes(rng.integers(0, 256, 2048, dtype=np.uint8).tobytes())
+  cases["Random_label_A"] = "visual features unreadable: Random_label_A__3.npy: not a .npy array file"
+  crops("Big_label_A", lambda c: np.full((20, 24), 1e38, np.float32))
+  cases["Big_label_A"] = "visual features out of range: values beyond float16 (|x| > 65504) in its 5 crop files"
+  crops("Long.Audio_label_A", good)      # 100 VGGish rows (96 s) for a 13.33 s video: a wrong file or clip length
+  cases["Long.Audio_label_A"] = "audio features length: 100 rows x 0.96 s cover 96.00 s of a 13.33 s video"
   np.save(root / "i3d" / "Missing.Crops_label_A__0.npy", good(0))          # crops 1-4 are missing
   cases["Missing.Crops_label_A"] = "visual features crops: 1, the release has 5"
   cases["No.Visual_label_A"] = "visual features missing: no file matches"
@@ -221,7 +245,7 @@ def broken_arrays(root):
   crops("Short.Audio_label_A", good)
   cases["Short.Audio_label_A"] = "audio features length: 2 rows x 0.96 s cover 1.92 s of a 13.33 s video"
   for video in cases:
-    rows = 2 if video == "Short.Audio_label_A" else 14
+    rows = {"Short.Audio_label_A": 2, "Long.Audio_label_A": 100}.get(video, 14)
     np.save(root / "vggish" / f"{video}__vggish.npy", rng.normal(size=(rows, 16)).astype(np.float32))
   np.save(root / "vggish" / "No.Audio_label_A__vggish.npy", np.ones((3, 16, 1)))
   crops("No.Audio_label_A", good)
@@ -230,6 +254,7 @@ def broken_arrays(root):
 
 
 def test_bad_arrays_are_skipped_with_their_reason(tmp_path, xd_release, capsys):
+  Payload.marker = str(tmp_path / "unpickled")
   root = tmp_path / "release"
   for folder in ("lists", "i3d", "vggish", "prior"):
     (root / folder).mkdir(parents=True)
@@ -249,18 +274,22 @@ def test_bad_arrays_are_skipped_with_their_reason(tmp_path, xd_release, capsys):
     assert reasons[video].startswith(expected), (video, reasons[video])
   summary = capsys.readouterr().out
   assert f"skipped {len(cases)} videos" in summary and "visual features non-finite" in summary
+  assert not os.path.exists(Payload.marker)            # the pickle was refused, not loaded
 
 
 def test_a_prior_out_of_range_and_float16_overflow(tmp_path):
   np.save(tmp_path / "v.npy", np.array([0.2, 1.7]))
-  np.save(tmp_path / "v__0.npy", np.full((2, 3), 1e6, np.float32))
+  np.save(tmp_path / "v__0.npy", np.ones((2, 3), np.float32))
   options = row.RowOptions(task="audio", snippets=2, visual=released.ArraySource(
       "visual features", str(tmp_path / "{video}__{crop}.npy"), 1.0), prior=released.ArraySource(
       "prior", str(tmp_path / "{video}.npy"), 1.0, is_prior=True))
   item = datasets.Item(video="v", path="v", caption="", label=0, split="train")
-  assert row.build_record(item, options) == ("skip", "prior out of range: values 0.2..1.7, a prior is in [0, 1]")
+  assert row.build_record(item, options) == (
+      "skip", "prior out of range: values 0.2..1.7 in v.npy, a prior is in [0, 1]")
   np.save(tmp_path / "v.npy", np.array([0.2, 0.7]))
-  assert row.build_record(item, options)[1].startswith("visual features out of range: values beyond float16")
+  np.save(tmp_path / "v__0.npy", np.full((2, 3), 1e6, np.float32))
+  assert row.build_record(item, options) == (
+      "skip", "visual features out of range: values beyond float16 (|x| > 65504) in v__0.npy")
 
 
 def test_the_row_work_pickles(tmp_path):
@@ -313,7 +342,8 @@ def test_ucf_released_config_trains_and_evaluates(tmp_path, ucf_release):
   assert prep.main(["--dataset", "ucfcrime_ar", "--captions", str(ucf_release), "--out", str(out),
                     "--visual-features", str(ucf_release / "clip" / "*" / "{video}__{crop}.npy"),
                     "--visual-clip-seconds", str(UCF_SECONDS), "--snippets", "8", "--workers", "0"]) == 0
-  config = released_config("ucfcrime_ar.py", out)       # D = 32 = the tiny CLIP's joint width, as 512 for B/16
+  # D = 32 = the tiny CLIP's joint width, as 512 for B/16; a random text tower on purpose (no CLIP on disk here).
+  config = released_config("ucfcrime_ar.py", out, "--config.model.clip_checkpoint=")
   result = train_and_evaluate(config, tmp_path / "run")
   assert set(result["levels"]) == {"video", "frame"}
   assert 0 < result["text_to_video"]["R10"] <= 100

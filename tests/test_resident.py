@@ -92,6 +92,47 @@ def test_resident_examples_equal_grain_and_each_epoch_covers_the_split(tmp_path)
   assert fresh.next().tolist() != stream[:12]                         # the order comes from the seed
 
 
+def test_the_feeds_sampler_follows_config_seed(tmp_path):
+  """Two seeds, two batch orders through the train feed (each epoch still the whole split), and the seed in the
+  sampler state a checkpoint saves."""
+  import jax
+  from varcmp_jax.train import feed as feed_lib
+  from varcmp_jax.train import step as step_lib
+  records_dir = write_feature_records(tmp_path / "records")
+  orders = {}
+  for seed in (3, 4):
+    config = features_config(records_dir)
+    config.seed = seed
+    feed = feed_lib.ResidentFeed(step_lib.build(config), config, progress=False)
+    orders[seed] = [jax.device_get(feed.split.gather(feed.next())["index"]).tolist() for _ in range(4)]
+    assert sorted(sum(orders[seed], [])) == list(range(32))
+    assert feed.checkpointable.state_dict()["seed"] == seed
+  assert orders[3] != orders[4]
+
+
+def test_resident_eval_with_a_partial_last_batch_embeds_every_record_once_as_grain(tmp_path):
+  """13 records in batches of 5: the last batch holds 3 records and 2 padding rows. Each record is embedded
+  exactly once, with the embeddings of the Grain pipeline."""
+  import jax
+  from varcmp_jax import evaluate
+  from varcmp_jax.train import step as step_lib
+  records_dir = write_feature_records(tmp_path / "records", splits=(("train", 8), ("test", 13)))
+  config = features_config(records_dir)
+  config.eval.batch_size = 5
+  trainer = step_lib.build(config)
+  params = trainer.init_state(config.seed)["params"]
+  split = evaluate.resident_eval_split(trainer, "test")
+  assert split is not None and split.rows == 15
+  indices = np.concatenate([index for index, _ in evaluate.embed_batches(trainer, params, "test",
+                                                                        resident_split=split, progress=False)])
+  assert sorted(indices.tolist()) == list(range(13))
+  on_devices = evaluate.embed_split(trainer, params, "test", resident_split=split)
+  from_grain = evaluate.embed_split(trainer, params, "test", resident_split=None)
+  for a, b in zip(jax.tree.leaves(on_devices), jax.tree.leaves(from_grain)):
+    assert np.shape(a) == np.shape(b) and np.shape(a)[0] == 13
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-6)
+
+
 def test_auto_says_which_and_why_and_follows_the_checkpoint(tmp_path):
   from varcmp_jax import config as config_lib
   from varcmp_jax.data import resident
@@ -164,17 +205,27 @@ def eight_devices_worker(records_dir: str, out_dir: str):
                            for _ in range(8)]
 
   params = state["params"]
-  on_devices = evaluate.embed_split(trainer, params, "test", resident_split="auto")
-  from_grain = evaluate.embed_split(trainer, params, "test", resident_split=None)
-  report["eval_max_difference"] = max(float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
-                                      for a, b in zip(jax.tree.leaves(on_devices), jax.tree.leaves(from_grain)))
-  report["eval_count"] = int(np.shape(jax.tree.leaves(on_devices)[0])[0])
+  report["eval"] = {}
+  for eval_batch in (8, 16):     # 21 test records: blocks of 3 per device; 16 = 2 rows a device, the 2nd batch partial
+    eval_config = ml_collections.ConfigDict(config.to_dict())
+    eval_config.eval.batch_size = eval_batch
+    split = evaluate.resident_eval_split(trainer, "test", eval_config)
+    indices = [index for index, _ in evaluate.embed_batches(trainer, params, "test", eval_config, resident_split=split,
+                                                            progress=False)]
+    on_devices = evaluate.embed_split(trainer, params, "test", eval_config, resident_split=split)
+    from_grain = evaluate.embed_split(trainer, params, "test", eval_config, resident_split=None)
+    report["eval"][eval_batch] = {
+        "rows": split.rows, "indices": sorted(np.concatenate(indices).tolist()),
+        "shapes": [[list(np.shape(a)), list(np.shape(b))] for a, b in zip(jax.tree.leaves(on_devices),
+                                                                          jax.tree.leaves(from_grain))],
+        "max_difference": max(float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+                              for a, b in zip(jax.tree.leaves(on_devices), jax.tree.leaves(from_grain)))}
   with open(pathlib.Path(out_dir) / "report.json", "w") as f:
     json.dump(report, f)
 
 
 def test_on_8_devices_rows_stay_on_their_device_and_the_step_and_eval_match_grain(tmp_path):
-  records_dir = write_feature_records(tmp_path / "records")          # 32 train, 16 test
+  records_dir = write_feature_records(tmp_path / "records", splits=(("train", 32), ("test", 21)))
   run_with_devices("eight_devices_worker", str(records_dir), str(tmp_path), devices=8)
   report = json.loads((tmp_path / "report.json").read_text())
   assert report["rows"] == 4 and report["blocks"] == list(range(8))
@@ -184,7 +235,12 @@ def test_on_8_devices_rows_stay_on_their_device_and_the_step_and_eval_match_grai
     assert sorted(sum(epoch, [])) == list(range(32))
   assert report["indices_2x4"] == report["indices"]   # the device count fixes the order, not the mesh shape
   np.testing.assert_allclose(report["resident_losses"], report["grain_losses"], rtol=1e-6, atol=1e-6)
-  assert report["eval_count"] == 16 and report["eval_max_difference"] < 1e-6
+  # Eval: 21 records in blocks of 3 (the last device's block all padding); 1 row a device and batch (rows 3), and
+  # 2 (rows 4: each block's second batch half padding). Every record once, Grain's embeddings.
+  for eval_batch, rows in (("8", 3), ("16", 4)):
+    result = report["eval"][eval_batch]
+    assert result["rows"] == rows and result["indices"] == list(range(21))
+    assert all(a == b and a[0] == 21 for a, b in result["shapes"]) and result["max_difference"] < 1e-6
 
 
 def test_killed_resident_run_on_8_devices_resumes_with_identical_losses(tmp_path):

@@ -5,6 +5,7 @@ The models are tiny untrained VarCMPs saved as Orbax checkpoints (search_fixture
 so that it must retrieve correctly: in each video the event snippets carry the text embedding of its caption
 (regions: its word embeddings), every other snippet is noise, and the external prior is high on the event.
 """
+import dataclasses
 import json
 import os
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import search_fixtures as fixtures
+from test_npy_file import Payload, lying_npy
 from varcmp_jax import evaluate
 from varcmp_jax import search
 from varcmp_jax.index import build
@@ -141,6 +143,9 @@ def test_wrong_query_kind_is_a_clear_error(setup, tmp_path):
     (["--text", "a car", "--plot", "missing_folder/hits.png"], "missing_folder does not exist"),
     (["--text", "a car", "--plot", "hits.xyz"], "unknown image type .xyz"),
     (["--audio", "no_such_file.wav"], "no_such_file.wav: file not found"),
+    (["--audio", "q.npy", "--audio-clip-seconds", "nan"], "--audio-clip-seconds nan: the seconds one row covers"),
+    (["--audio", "q.npy", "--audio-clip-seconds", "0"], "--audio-clip-seconds 0.0: the seconds one row covers"),
+    (["--text", "a car", "--iou", "2"], "--threshold and --iou in [0, 1]"),
     (["--index", "INDEX", "--text", "a car", "--localization"], "not allowed with argument"),
 ])
 def test_bad_queries_fail_before_anything_runs(setup, capsys, monkeypatch, tmp_path, argv, message):
@@ -160,6 +165,16 @@ def test_bad_queries_fail_before_anything_runs(setup, capsys, monkeypatch, tmp_p
 def test_blank_text_is_an_error_for_the_query_encoder_too(text_run):
   with pytest.raises(ValueError, match="text query is empty"):
     search.QueryEncoder(text_run).text(" \n")
+
+
+def test_a_query_longer_than_the_word_budget_says_so(text_run, capsys):
+  budget, config = 6, text_run.config.copy_and_resolve_references()
+  config.model.max_words = budget
+  encoder = search.QueryEncoder(dataclasses.replace(text_run, config=config))
+  encoder.text(" ".join(["red"] * budget))
+  assert capsys.readouterr().err == ""
+  encoder.text(" ".join(["red"] * (budget + 3)))
+  assert f"the query has {budget + 3} words; this model reads the first {budget}" in capsys.readouterr().err
 
 
 def test_table_fits_long_xd_ids():
@@ -257,6 +272,16 @@ def test_audio_files_as_queries_end_to_end(audio_setup, capsys):
   np.testing.assert_allclose([h["score"] for h in indexed["hits"]], [h["score"] for h in hits], atol=2e-3)
 
 
+def test_undecodable_audio_names_the_upload_not_the_temp_file(audio_setup, tmp_path):
+  encoder = search.QueryEncoder(audio_setup["run"])
+  temp = tmp_path / "tmpq1w2e3.wav"
+  temp.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  with pytest.raises(search.QueryError) as error:
+    encoder.audio_file(str(temp), name="my clip.wav")
+  message = str(error.value)
+  assert message.startswith("my clip.wav: cannot open") and "tmpq1w2e3" not in message and "\n" not in message
+
+
 # --- audio queries from pre-extracted features (model.audio.kind = "features", e.g. VGGish) ---------------
 
 
@@ -302,16 +327,72 @@ def test_audio_feature_arrays_as_queries(features_audio_setup, tmp_path, capsys)
   assert [h["score"] for h in default] != [h["score"] for h in half]
 
 
-def test_audio_feature_queries_say_what_is_wrong(features_audio_setup, tmp_path):
+def test_audio_feature_queries_say_what_is_wrong(features_audio_setup, tmp_path, monkeypatch):
+  """Bad and hostile .npy queries (made here): one QueryError naming the file, never numpy's or a temp name."""
   run, _ = features_audio_setup
   encoder = search.QueryEncoder(run)
   wav = fixtures.write_audio(tmp_path / "clip.wav", fixtures.tone_waveform(2.0))
   np.save(tmp_path / "narrow.npy", np.zeros((10, 7), np.float32))
   np.save(tmp_path / "nan.npy", np.full((10, 12), np.nan, np.float32))
   np.save(tmp_path / "crops.npy", np.zeros((10, 5, 12), np.float32))
+  np.save(tmp_path / "huge_values.npy", np.full((10, 12), 1e38, np.float32))
+  lying_npy(tmp_path / "huge_header.npy", (10 ** 12, 128))
+  (tmp_path / "random.npy").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  Payload.marker = str(tmp_path / "unpickled")
+  np.save(tmp_path / "pickle.npy", np.array([Payload()], dtype=object), allow_pickle=True)
   for path, message in [(wav, r"a \.npy array of them, \(N, 12\) rows"),
                         (tmp_path / "narrow.npy", "7-d audio features; the model's audio tower takes 12-d"),
-                        (tmp_path / "nan.npy", "non-finite: nan.npy has 120 NaN"),
-                        (tmp_path / "crops.npy", r"misshapen: crops.npy has shape \(10, 5, 12\)")]:
-    with pytest.raises(ValueError, match=message):
+                        (tmp_path / "nan.npy", "non-finite: .*nan.npy has 120 NaN"),
+                        (tmp_path / "crops.npy", r"misshapen: .*crops.npy has shape \(10, 5, 12\)"),
+                        (tmp_path / "huge_values.npy", r"out of range: values beyond float16 \(\|x\| > 65504\) in "),
+                        (tmp_path / "huge_header.npy", r"truncated: its header says shape \(1000000000000, 128\)"),
+                        (tmp_path / "random.npy", "not a .npy array file"),
+                        (tmp_path / "pickle.npy", "holds Python objects")]:
+    with pytest.raises(search.QueryError, match=message) as error:
       encoder.audio_file(str(path))
+    assert "\n" not in str(error.value) and "allow_pickle" not in str(error.value)
+  assert not os.path.exists(Payload.marker)
+  # `name`: an upload's own name in every message, never the server's temp file.
+  for path in (tmp_path / "huge_header.npy", tmp_path / "huge_values.npy", tmp_path / "narrow.npy"):
+    with pytest.raises(search.QueryError) as error:
+      encoder.audio_file(str(path), name="upload.npy")
+    message = str(error.value)
+    assert "upload.npy" in message and path.name not in message and str(tmp_path) not in message
+  # What a query may allocate is bounded.
+  np.save(tmp_path / "long.npy", np.zeros((40, 12), np.float32))        # 1,920 bytes
+  monkeypatch.setattr(search, "QUERY_MAX_BYTES", 1000)
+  with pytest.raises(search.QueryError, match=r"long.npy: too large: .* the limit is 1,000 bytes"):
+    encoder.audio_file(str(tmp_path / "long.npy"))
+
+
+def test_a_tower_that_overflows_is_refused_not_scored(features_audio_setup, tmp_path):
+  """Values the tower turns into inf / NaN (finite input, e.g. within float16 but far from any feature the model
+  saw, or a model damaged by training) are refused with the file's name, not scored as NaN."""
+  run, _ = features_audio_setup
+  np.save(tmp_path / "q.npy", np.ones((10, 12), np.float32))
+  broken = jax.tree_util.tree_map(lambda x: np.full_like(x, np.inf) if np.issubdtype(x.dtype, np.floating) else x,
+                                  run.params)
+  with pytest.raises(search.QueryError, match="upload.npy: the model's audio tower gives non-finite values"):
+    search.QueryEncoder(dataclasses.replace(run, params=broken)).audio_file(str(tmp_path / "q.npy"), name="upload.npy")
+
+
+def test_the_command_refuses_hostile_queries_and_non_finite_scores_in_one_line(features_audio_setup, tmp_path, capsys):
+  run, records = features_audio_setup
+  argv = ["--workdir", run.workdir, "--gallery", records, "--top-k", "3"]
+  lying_npy(tmp_path / "huge.npy", (10 ** 12, 128))
+  with pytest.raises(SystemExit) as error:
+    search.main(argv + ["--audio", str(tmp_path / "huge.npy")])
+  assert str(error.value).startswith("varcmp search: audio features unreadable: ") and "huge.npy" in str(error.value)
+  assert "\n" not in str(error.value)
+  # A gallery whose cached embeddings went non-finite: no `nan` score is printed with exit status 0.
+  np.save(tmp_path / "q.npy", np.ones((10, 12), np.float32))
+  result = run_json(capsys, argv + ["--audio", str(tmp_path / "q.npy")])
+  cache = result["gallery_cache"]
+  with np.load(cache) as cached:
+    fields = {k: cached[k] for k in cached.files}
+  fields["frames"] = np.full_like(fields["frames"], np.nan)
+  np.savez(cache, **fields)
+  with pytest.raises(SystemExit) as error:
+    search.main(argv + ["--audio", str(tmp_path / "q.npy")])
+  assert "scores a non-finite value" in str(error.value) and f"the embeddings of {records}" in str(error.value)
+  assert "nan" not in capsys.readouterr().out.lower()

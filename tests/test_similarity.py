@@ -1,4 +1,6 @@
 """Similarity levels against NumPy loops written from SPEC section 2, padding invariance, chunking."""
+import functools
+
 import numpy as np
 import pytest
 import jax
@@ -234,3 +236,44 @@ def test_l2_normalize_of_zero_is_finite_with_the_documented_gradient():
   masked = jax.jacfwd(lambda x: similarity.l2_normalize(x, jnp.asarray([False, True])))(jnp.ones((2, 3)))
   assert np.all(np.asarray(masked)[0] == 0.0)
   assert np.all(np.asarray(similarity.l2_normalize(jnp.zeros((2, 3)))) == 0.0)
+
+
+def bf16_round(x):
+  return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def test_bf16_einsum_rounds_every_operand_forward_and_backward():
+  # Reference: float64 einsums of bf16-rounded operands; in the backward pass the cotangent is rounded too
+  # (JAX's own transpose of a bf16 dot would contract the float32 cotangent, at float32 speed).
+  rng = np.random.default_rng(1)
+  a, b = rng.normal(size=(3, 4, 5)), rng.normal(size=(6, 5))
+  spec = "gtd,qd->gtq"
+  cotangent = rng.normal(size=(3, 4, 6))
+  out, vjp = jax.vjp(lambda x, y: similarity.contract(spec, x, y, "bf16"), jnp.asarray(a, jnp.float32),
+                     jnp.asarray(b, jnp.float32))
+  da, db = vjp(jnp.asarray(cotangent, jnp.float32))
+  assert out.dtype == da.dtype == db.dtype == jnp.float32
+  np.testing.assert_allclose(out, np.einsum(spec, bf16_round(a), bf16_round(b)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(da, np.einsum("gtq,qd->gtd", bf16_round(cotangent), bf16_round(b)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(db, np.einsum("gtq,gtd->qd", bf16_round(cotangent), bf16_round(a)), rtol=1e-5, atol=1e-5)
+  # ... and it is not the float32 result (the rounding is real at these values).
+  assert np.abs(np.asarray(out) - np.einsum(spec, a, b)).max() > 1e-4
+
+
+@pytest.mark.parametrize("task", ["text", "audio"])
+def test_bf16_runs_every_contraction_on_bf16_operands(task):
+  # Forward and backward, every level, chunked: all of it on bf16 operands in the program an accelerator
+  # compiles (flops counts each dot with its operand dtypes; a CPU contracts the bf16-rounded values in
+  # float32, see test_bf16_einsum_rounds_every_operand_forward_and_backward); at "highest" none of it.
+  from varcmp_jax import flops
+  v, w, t, a = to_jax(*make_inputs())
+  query = t if task == "text" else a
+  def loss(v, query, precision):
+    sims = similarity.level_similarities(v, w, query, task, chunk_size=2, precision=precision)
+    return sum(jnp.sum(s) for s in sims.values())
+  for precision, share in (("bf16", 1.0), ("highest", 0.0)):
+    count = flops.count(jax.grad(functools.partial(loss, precision=precision), argnums=(0, 1), allow_int=True),
+                        v, query, platform="cuda")
+    assert count.executed > 0 and count.bf16_share == share, (precision, count.by_dtype)
+  with pytest.raises(ValueError, match="precision"):
+    similarity.level_similarities(v, w, query, task, precision="fp8")

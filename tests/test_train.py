@@ -260,3 +260,35 @@ def test_training_never_imports_search_or_index():
         names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
       for name in names:
         assert not name.startswith(("varcmp_jax.search", "varcmp_jax.index", "varcmp_jax.serve")), (path.name, name)
+
+
+def test_train_sizes_the_word_budget_logs_mfu_and_follows_the_cache_switch(tmp_path, monkeypatch, capsys):
+  """model.max_words = 0 becomes the records' longest caption (manifest.json), kept in config.json (a smaller
+  budget: test_records_check); metrics.jsonl carries MFU where the device's peak is known; config.compilation_cache
+  reaches the cache."""
+  import sys
+  from varcmp_jax import compilation_cache, flops
+  from varcmp_jax.train import train as train_lib
+  sys.path.insert(0, str(ROOT / "tests"))
+  from test_checkpoint import write_feature_records
+  records = write_feature_records(tmp_path / "records")     # every caption has 3 words
+  manifest = json.loads((records / "manifest.json").read_text())
+  for split, info in manifest["splits"].items():
+    info["caption_words"] = {"3": info["records"]}
+  (records / "manifest.json").write_text(json.dumps(manifest))
+  switches = []
+  monkeypatch.setattr(compilation_cache, "enable", switches.append)
+  monkeypatch.setattr(flops, "device_peak", lambda device=None: flops.Peak(1e12, 1e11))
+  config = load_config("tiny_text", "features")
+  config.data.records, config.compilation_cache = str(records), False
+  config.train.num_steps = config.train.log_every = 2
+  train_lib.train(config, str(tmp_path / "run"))
+  assert switches == [False]
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["max_words"] == 3
+  assert "reads <BOS> + 3 words + <EOS> (the longest caption of the records)" in capsys.readouterr().out
+  logged = read_steps_rows(tmp_path / "run")[-1]
+  assert 0 < logged["mfu"] == pytest.approx(logged["tflops_per_s"], rel=1e-6)     # against a 1 TFLOP/s peak
+
+
+def read_steps_rows(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -149,7 +149,7 @@ def test_shapes_and_param_tree(task, regime, audio_kind):
   assert np.all(np.asarray(video.frames)[~batch["mask"]] == 0)
   assert np.all(np.asarray(video.regions)[~batch["mask"]] == 0)
   if task == "text":
-    assert query.sentence.shape == (b, WIDTH) and query.words.shape == (b, 77, WIDTH)
+    assert query.sentence.shape == (b, WIDTH) and query.words.shape == (b, 75, WIDTH)   # 77 less BOS, last
     np.testing.assert_array_equal(query.word_mask.sum(axis=1), [2, 3])   # words between BOS and EOS
   else:
     assert query.segments.shape == (b, t, WIDTH)
@@ -449,3 +449,34 @@ def test_visual_features_of_any_width_are_projected_and_regions_are_optional():
     similarity.level_similarities(video, np.ones((2, 3), np.float32), query, "text", levels=("spatial",))
   with pytest.raises(ValueError, match=r"batch\['features'\] \(B, T, 20\) \(config.model.video_features.dim\)"):
     model.apply({"params": params}, {**batch, "features": batch["features"][..., :8]}, method="encode_video")
+
+
+def test_word_budget_keeps_short_captions_and_cuts_long_ones_like_the_tokenizer():
+  # Reference: the same params with no budget (all 77 positions), on ids truncated by hand the way CLIP's
+  # tokenizer truncates: <BOS>, the first N words, <EOS>. The text tower is causal, so a caption within the
+  # budget must come out the same from N + 2 positions as from 77.
+  config, model, params = built("text", "features")
+  budget = 5
+  rng = np.random.RandomState(7)
+  lengths = [2, 5, 9]                       # within, exactly at, over the budget
+  tokens = np.zeros((3, 77), np.int32)
+  for i, n in enumerate(lengths):
+    tokens[i, 0], tokens[i, 1:1 + n], tokens[i, 1 + n] = BOS, rng.randint(300, 40000, n), EOS
+  truncated = np.zeros_like(tokens)
+  for i, n in enumerate(lengths):
+    kept = min(n, budget)
+    truncated[i, 0], truncated[i, 1:1 + kept], truncated[i, 1 + kept] = BOS, tokens[i, 1:1 + kept], EOS
+  batch = make_batch(config, np.ones((3, 3), bool))
+  budgeted_config = config.copy_and_resolve_references()
+  budgeted_config.model.max_words = budget
+  budgeted = VarCMP(budgeted_config.model, task="text", regime="features")
+  got = apply(budgeted, params, {**batch, "tokens": tokens}, "encode_query")
+  want = apply(model, params, {**batch, "tokens": truncated}, "encode_query")
+  assert got.words.shape == (3, budget, WIDTH)
+  np.testing.assert_array_equal(got.word_mask.sum(axis=1), [2, 5, 5])
+  np.testing.assert_allclose(got.sentence, want.sentence, atol=1e-5)
+  np.testing.assert_allclose(got.words, np.asarray(want.words)[:, :budget], atol=1e-5)
+  # Captions within the budget are untouched by it: the same as from the untruncated 77 positions.
+  full = apply(model, params, {**batch, "tokens": tokens}, "encode_query")
+  np.testing.assert_allclose(got.sentence[:2], full.sentence[:2], atol=1e-5)
+  np.testing.assert_allclose(got.words[:2], np.asarray(full.words)[:2, :budget], atol=1e-5)

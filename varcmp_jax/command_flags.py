@@ -2,21 +2,56 @@
 
   values = command_flags.parse(argv, "varcmp train")       # validated config, workdir
   config = command_flags.load_config_file("configs/synthetic.py", ["--config.seed=3"])
+  config = command_flags.load_config_file("xdviolence_ar:released")      # a bundled config, by name
 
-`--help` prints the usage and exits 0; every problem with the flags or the config file exits with one line
-naming the flag, file or field.
+`--config` takes a config file, or the name of a config the package ships (`synthetic`, `ucfcrime_ar:released`:
+the files of the repository's configs/ folder), which works from any directory. `--help` prints the usage and
+exits 0; every problem with the flags or the config file exits with one line naming the flag, file or field.
 """
 import os
+import pathlib
 
 from absl import flags
 from ml_collections import config_flags
 
 from varcmp_jax import config as config_lib
 
+# A config sets model.clip_checkpoint to this when training without the CLIP it names would be silently
+# meaningless (configs/ucfcrime_ar.py:released: the features are OpenAI CLIP's, so the text tower must be that
+# CLIP's, or it learns a random map into their space): the command refuses it until the user gives a checkpoint,
+# or the empty value to train a random tower on purpose.
+CHECKPOINT_REQUIRED = "required"
+
+
+def bundled_configs() -> pathlib.Path:
+  """The folder of the configs the package ships: varcmp_jax/configs in an installed wheel (setup.py puts the
+  repository's configs/ there), the repository's configs/ in a source checkout or an editable install."""
+  package = pathlib.Path(__file__).resolve().parent
+  shipped = package / "configs"
+  return shipped if shipped.is_dir() else package.parent / "configs"
+
+
+def bundled_names() -> list[str]:
+  return sorted(p.stem for p in bundled_configs().glob("*.py") if not p.name.startswith("_"))
+
+
+def resolve_config(spec: str) -> str:
+  """`FILE[:arg]` as given when FILE exists, else a bundled config's `NAME[:arg]` (NAME or NAME.py) as its path.
+  ValueError (one line, listing the bundled names) when it is neither."""
+  path, colon, arg = spec.partition(":")
+  if os.path.isfile(path):
+    return spec
+  name = path.removesuffix(".py")
+  if name in bundled_names():
+    return str(bundled_configs() / f"{name}.py") + colon + arg
+  raise ValueError(f"--config {path}: no such file, and not a bundled config (bundled, usable by name from any "
+                   f"directory: {', '.join(bundled_names())}; e.g. --config xdviolence_ar:released)")
+
 
 def load_config_file(path: str, overrides=()):
-  """The ConfigDict of `path[:arg]` with `--config.x.y=value` overrides applied (not validated)."""
-  argv = ["varcmp", f"--config={path}", *overrides]
+  """The ConfigDict of `path[:arg]` (a file or a bundled name) with `--config.x.y=value` overrides applied (not
+  validated)."""
+  argv = ["varcmp", f"--config={resolve_config(path)}", *overrides]
   values = flags.FlagValues()
   # sys_argv: config_flags finds the overrides there (default: sys.argv, not the argv parsed below).
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, sys_argv=argv)
@@ -51,7 +86,7 @@ def unknown_override(argv: list[str], config=None) -> str | None:
   return None
 
 
-USAGE = "usage: {prog} --config configs/<name>.py[:arg] --workdir DIR [--config.x.y=value ...]"
+USAGE = "usage: {prog} --config FILE|NAME[:arg] --workdir DIR [--config.x.y=value ...]"
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 
 
@@ -59,7 +94,8 @@ def _help(usage: str, values: flags.FlagValues, config_from_workdir: bool) -> st
   lines = [usage, "", "flags:"]
   for name in sorted(values):
     if name == "config":
-      text = "config file, e.g. configs/synthetic.py or configs/ucfcrime_ar.py:features"
+      text = (f"config file, or the name of a bundled one ({', '.join(bundled_names())}), e.g. "
+              "--config synthetic or --config ucfcrime_ar:features")
       text += " (default: WORKDIR/config.json, the run's own config)" if config_from_workdir else " (required)"
     else:
       text = values[name].help + (" (required)" if name == "workdir" else "")
@@ -79,10 +115,15 @@ def _config_from_workdir(prog: str, workdir: str | None, usage: str):
     raise SystemExit(f"{prog}: {e} (or pass --config)") from None
 
 
-def _check_config_file(prog: str, spec: str):
-  path = spec.split(":", 1)[0]
-  if not os.path.isfile(path):
-    raise SystemExit(f"{prog}: --config {path}: no such file")
+def _with_config(argv: list[str], spec: str) -> list[str]:
+  """argv with every `--config` value (not the `--config.x.y` overrides) replaced by `spec`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = f"--config={spec}"
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = spec
+  return out
 
 
 def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_extra=None,
@@ -97,21 +138,25 @@ def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_ext
   usage = usage or USAGE.format(prog=prog)
   argv = list(argv)
   values = flags.FlagValues()
-  spec = flag_value(argv, "config")
+  spec = given = flag_value(argv, "config")     # `given`: as the user wrote it, for messages
   wanted_help = any(a in HELP_FLAGS for a in argv)
-  # sys_argv: config_flags finds the overrides there (default: sys.argv, not the argv parsed below).
-  full_argv = [prog] + argv
   base = None
   if spec is None and config_from_workdir and not wanted_help:
     base = _config_from_workdir(prog, flag_value(argv, "workdir"), usage)
   elif spec is not None:
-    _check_config_file(prog, spec)
+    try:
+      spec = resolve_config(spec)
+    except ValueError as e:
+      raise SystemExit(f"{prog}: {e}") from None
+    argv = _with_config(argv, spec)
+  # sys_argv: config_flags finds the overrides there (default: sys.argv, not the argv parsed below).
+  full_argv = [prog] + argv
   try:
     if base is not None:    # overrides apply as the flag is defined
       config_flags.DEFINE_config_dict("config", base, "the run's config", flag_values=values, lock_config=True,
                                       sys_argv=full_argv)
     else:
-      config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/synthetic.py[:arg]",
+      config_flags.DEFINE_config_file("config", None, "config file or bundled name, e.g. synthetic[:arg]",
                                       flag_values=values, lock_config=True, sys_argv=full_argv)
     flags.DEFINE_string("workdir", None, "the run's directory: config.json, checkpoints/, metrics, eval.json",
                         flag_values=values)
@@ -126,7 +171,7 @@ def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_ext
     raise SystemExit(f"{prog}: {e}\n{usage}") from None
   except Exception as e:  # pylint: disable=broad-except  # the config file's own code failed to import / run
     cause = e.__cause__ or e
-    raise SystemExit(f"{prog}: --config {spec}: cannot load it: {type(cause).__name__}: "
+    raise SystemExit(f"{prog}: --config {given}: cannot load it: {type(cause).__name__}: "
                      f"{' '.join(str(cause).split())[:300]}") from None
   if wanted_help:
     print(_help(usage, values, config_from_workdir))
@@ -137,6 +182,11 @@ def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_ext
   if not values.config.data.records:
     raise SystemExit(f"{prog}: config.data.records is empty: pass --config.data.records=DIR "
                      "(a directory written by `varcmp prep`)")
+  if values.config.model.get("clip_checkpoint") == CHECKPOINT_REQUIRED:
+    raise SystemExit(f"{prog}: --config {given}: model.clip_checkpoint is required: the text tower must be the CLIP "
+                     "whose image tower made the features (OpenAI CLIP ViT-B/16, a HF CLIPModel directory): pass "
+                     "--config.model.clip_checkpoint=/path/to/clip-vit-base-patch16, or "
+                     "--config.model.clip_checkpoint= (empty) to train a random text tower on purpose")
   # grain's worker processes read absl's global flags; mark them parsed as absl.app would.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()

@@ -41,6 +41,9 @@ def default_config(task: str = "text", regime: str = "frames") -> ml_collections
   c.task = task            # "text" (video-text, UCFCrime-AR) | "audio" (video-audio, XDViolence-AR)
   c.regime = regime        # "frames" (pixels through the image tower) | "features" (pre-extracted g_t, r_tk)
   c.seed = 0
+  # JAX's persistent compilation cache under $XDG_CACHE_HOME/varcmp/jax (else ~/.cache/varcmp/jax): a second run
+  # of the same config (a resume, another seed, an evaluation) starts without recompiling. False: off.
+  c.compilation_cache = True
 
   c.data = ml_collections.ConfigDict(dict(
       records="",                  # directory written by `varcmp prep` / `varcmp extract-features`
@@ -57,9 +60,14 @@ def default_config(task: str = "text", regime: str = "frames") -> ml_collections
       clip_checkpoint="",          # HF CLIPModel directory or `varcmp import-clip` output; "" = random init
       dtype="bfloat16",            # compute dtype
       param_dtype="float32",
-      attention_impl="xla",        # "xla" | "cudnn" (fused attention on GPU)
+      attention_impl="auto",       # "auto" (cuDNN fused attention where it runs, else XLA) | "xla" | "cudnn"
       remat=False,
       region_grid=2,               # patch tokens pooled on a grid x grid layout: R = grid**2
+      # Caption word budget: the text tower reads <BOS> + max_words words + <EOS> (not CLIP's 77 positions) and
+      # the spatial level contracts over those words. A longer caption keeps its first max_words words (counted
+      # and reported, never silently). 0: `varcmp train` sets it to the records' longest caption (manifest.json)
+      # and writes the number into WORKDIR/config.json; a model built with 0 reads all 75.
+      max_words=0,
       # Features regime: width of the stored visual features. 0 = already in the CLIP joint space
       # (clip.projection_dim: `varcmp extract-features`, CLIP frame-feature releases); else (e.g. 1024 for
       # I3D RGB) a learned projection LayerNorm -> Dense -> GELU -> Dense into the joint space.
@@ -86,8 +94,13 @@ def default_config(task: str = "text", regime: str = "frames") -> ml_collections
       levels={name: 1.0 for name in TASK_LEVELS[task]},
       mil=1.0,
       chunk_size=64,               # block side of the spatial level in the loss (0: one block)
+      # Operands of every similarity contraction in training, forward and backward: "bf16" (float32
+      # accumulation; tensor-core speed), "tf32" (float32 operands at Precision.HIGH: TF32 on GPU, 3 bf16 passes
+      # on TPU) or "highest" (exact float32). Evaluation, index and search always rank at "highest".
+      precision="bf16",
   ))
-  c.eval = ml_collections.ConfigDict(dict(chunk_size=64, batch_size=32))
+  # precision: of the ranking contractions (loss.precision's choices); "highest" ranks exactly.
+  c.eval = ml_collections.ConfigDict(dict(chunk_size=64, batch_size=32, precision="highest"))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_steps=1000, grad_accum_steps=1,
@@ -133,6 +146,8 @@ PRIOR_SOURCES = ("head", "external", "mean")
 AUDIO_KINDS = ("spectrogram", "features")
 RESIDENT = ("auto", "on", "off")
 DTYPES = ("float32", "bfloat16", "float16")
+LOSS_PRECISIONS = ("bf16", "tf32", "highest")    # alignment.similarity.PRECISIONS
+MAX_WORDS = 75                                   # CLIP's 77 token positions less <BOS> and <EOS>
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -152,7 +167,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   check(config.model.audio.kind in AUDIO_KINDS, f"model.audio.kind={config.model.audio.kind!r}: must be one of {AUDIO_KINDS}")
   for field in ("dtype", "param_dtype"):
     check(config.model[field] in DTYPES, f"model.{field}={config.model[field]!r}: must be one of {DTYPES}")
-  check(config.model.attention_impl in ("xla", "cudnn"), f"model.attention_impl={config.model.attention_impl!r}: must be 'xla' or 'cudnn'")
+  check(config.model.attention_impl in ("auto", "xla", "cudnn"), f"model.attention_impl={config.model.attention_impl!r}: must be 'auto', 'xla' or 'cudnn'")
   check(config.model.region_grid >= 1, f"model.region_grid={config.model.region_grid}: must be >= 1")
   video_dim = video_feature_dim(config.model)
   check(video_dim >= 0, f"model.video_features.dim={video_dim}: must be >= 0 (0 = CLIP joint-space features)")
@@ -170,6 +185,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check(weight >= 0, f"loss.levels.{name}={weight}: weights must be >= 0")
   check(any(w > 0 for w in config.loss.levels.values()), "loss.levels: at least one level needs a weight > 0")
   check(config.loss.mil >= 0, f"loss.mil={config.loss.mil}: must be >= 0")
+  for group in ("loss", "eval"):
+    precision = config[group].get("precision", "highest")
+    check(precision in LOSS_PRECISIONS, f"{group}.precision={precision!r}: must be one of {LOSS_PRECISIONS}")
+  max_words = config.model.get("max_words", 0)
+  check(0 <= max_words <= MAX_WORDS, f"model.max_words={max_words}: must lie in [0, {MAX_WORDS}] (0: sized from the "
+        "records' longest caption)")
 
   t = config.train
   for field in ("batch_size", "num_steps", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):

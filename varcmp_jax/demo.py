@@ -5,14 +5,16 @@
 --task text (default) trains text -> video and searches with a caption; --task audio trains audio -> video
 (configs/synthetic.py:audio) and searches with the soundtrack of a test video. Both tasks share the videos;
 each has its own records and run directory. Every stage resumes: a second call reuses the videos, the records
-and the trained checkpoints.
+and the trained checkpoints. A small --videos trains on batches of as many videos as the train split holds.
+A rerun repeats every figure bit for bit on the same machine with the same number of cores; other core counts and
+machines round differently (README, "The demo").
 """
 import argparse
 import pathlib
 import shlex
 import time
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
+CONFIG = "synthetic"   # the bundled configs/synthetic.py, found from any directory (command_flags.resolve_config)
 STAGES = 5
 
 
@@ -110,6 +112,11 @@ def main(argv: list[str]) -> int:
     # The warmup keeps its share of the default schedule (it may not exceed the steps).
     warmup = config.train.warmup_steps * args.steps // config.train.num_steps
     overrides += [f"--config.train.num_steps={args.steps}", f"--config.train.warmup_steps={warmup}"]
+  import jax
+  from varcmp_jax.data import pipeline
+  train_records = pipeline.split_size(str(records_dir), config.data.train_split)
+  if train_records < config.train.batch_size:   # a small --videos: batches of distinct videos, as many as there are
+    overrides.append(f"--config.train.batch_size={train_records - train_records % jax.device_count()}")
   t = time.time()
   stage(3, f"train: -> {run}")
   from varcmp_jax.train import main as train_main_lib
@@ -119,7 +126,6 @@ def main(argv: list[str]) -> int:
   t = time.time()
   stage(4, "eval")
   from varcmp_jax import evaluate, metrics, trained
-  from varcmp_jax.data import pipeline
   config = command_flags.load_config_file(config_file, overrides)
   run_state = trained.restore(config, str(run))
   result = evaluate.evaluate_run(run_state, show=False)

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from varcmp_jax import command_flags, metrics, trained
 from varcmp_jax.alignment import similarity, weighting
-from varcmp_jax.data import pipeline, resident
+from varcmp_jax.data import pipeline, records_check, resident
 from varcmp_jax.train import checkpoint as checkpoint_lib
 from varcmp_jax.train import sharding
 from varcmp_jax.train import workdir as workdir_lib
@@ -123,16 +123,19 @@ def _gallery_scorer(config_json: str):
   def score(video, query):
     prior = weighting.prior(video, config.prior)
     weights = weighting.snippet_weights(prior, video.mask, config.weighting.beta, config.weighting.tau)
-    sims = similarity.level_similarities(video, weights, query, config.task, config.eval.chunk_size, mesh=mesh)
+    sims = similarity.level_similarities(video, weights, query, config.task, config.eval.chunk_size, mesh=mesh,
+                                         precision=config.eval.get("precision", "highest"))
     return {**sims, "combined": similarity.combined_score(sims, config.loss.levels)}
   return score, mesh
 
 
 def check_records(config: ml_collections.ConfigDict, split: str) -> None:
-  """RunError naming the file when config.data.records has no manifest, no such split or a missing shard."""
+  """RunError naming the file when config.data.records has no manifest, no such split, a missing shard, records
+  that do not fit the config, no records in the split or (the train split) fewer than a train batch."""
   try:
     pipeline.shard_paths(config.data.records, split)
     pipeline.check_against_config(config, split)
+    records_check.check_size(config, split, pipeline.read_manifest(config.data.records))
   except (FileNotFoundError, KeyError, ValueError) as e:
     raise RunError(f"config.data.records: {e.args[0] if e.args else e}") from None
 
@@ -197,6 +200,10 @@ def main(argv: list[str]) -> int:
   sharding.maybe_initialize_distributed()
   command_flags.validate(values, "varcmp eval", jax.device_count())
   try:
+    saved = workdir_lib.read_saved_config(values.workdir) or {}
+    if values.config.task == "text" and not values.config.model.get("max_words", 0):
+      # max_words = 0 ("size it from the records") is what `varcmp train` resolved: the run's own number.
+      values.config.model.max_words = saved.get("model", {}).get("max_words", 0)
     check_same_model(values.workdir, values.config, command_flags.config_source(values))
     evaluate(values.config, values.workdir, values.step, values.ties)
   except (RunError, FileNotFoundError) as e:

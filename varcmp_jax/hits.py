@@ -48,6 +48,13 @@ def key_segments(relevance: np.ndarray, mask: np.ndarray, times: np.ndarray, thr
   return sorted(segments, key=lambda s: -s["peak"])
 
 
+def finite(hit: dict) -> bool:
+  """Whether every number of a hit is finite: JSON has no NaN or infinity, and a search must not rank by them."""
+  numbers = [hit["score"], hit["duration"], *hit["levels"].values(), *hit["relevance"], *hit["prior"],
+             *np.ravel(hit["snippet_times"]), *(s[key] for s in hit["segments"] for key in ("start", "end", "peak"))]
+  return bool(np.isfinite(np.asarray(numbers, np.float64)).all())
+
+
 def slot_times(times: np.ndarray, snippets: int) -> np.ndarray:
   """(snippets, 2) seconds of the record snippet behind each batch slot of one record (the pipeline pads or
   subsamples its stored snippets, times (N, 2)); zero on padding slots."""

@@ -22,7 +22,6 @@ Python (for a server: load the model and open the index once, then answer many q
 """
 import argparse
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -43,6 +42,8 @@ CACHE_DIR = ".varcmp_cache"
 VIDEO_FIELDS = ("frames", "regions", "mask", "anomaly", "external_prior")
 DEFAULT_CANDIDATES = 1000
 VGGISH_CLIP_SECONDS = 0.96   # the hop of a VGGish row: the XD-Violence release's audio features
+# The most data a .npy query may hold: (N, 128) float32 VGGish rows of 0.96 s for 35 hours of audio.
+QUERY_MAX_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass
@@ -98,12 +99,17 @@ def load_gallery(run, records: str, split: str, use_cache: bool = True) -> Galle
 # --- queries -------------------------------------------------------------------------------------------
 
 
+class QueryError(ValueError):
+  """A query the model cannot take (blank text, the wrong kind of query, a bad or hostile file): one line, the
+  user's fault (a server answers 4xx)."""
+
+
 class QueryEncoder:
   """A trained run's query tower, jitted once: many queries cost one tower call each.
 
   text(...) -> TextEmbeddings for a text-task run; audio_file(path) -> AudioEmbeddings for an audio-task run
-  (an audio or video file, or a .npy of pre-extracted features for a `features` tower). Errors (blank text, the wrong kind of query, an undecodable file) are ValueErrors
-  with a one-line message.
+  (an audio or video file, or a .npy of pre-extracted features for a `features` tower). Errors are QueryErrors
+  (ValueErrors) with a one-line message.
   """
 
   def __init__(self, run):
@@ -125,57 +131,73 @@ class QueryEncoder:
 
   def text(self, texts: str | list[str]) -> TextEmbeddings:
     from varcmp_jax import clip  # pylint: disable=g-import-not-at-top
+    from varcmp_jax.clip.tokenizer import word_counts  # pylint: disable=g-import-not-at-top
     texts = [texts] if isinstance(texts, str) else list(texts)
     if self.config.task != "text":
-      raise ValueError(f"{self.run.workdir} is an audio -> video model: query it with --audio FILE, not --text")
+      raise QueryError(f"{self.run.workdir} is an audio -> video model: query it with --audio FILE, not --text")
     if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-      raise ValueError("the text query is empty: give the words to search for")
-    return jax.device_get(self._encode(self.run.params, {"tokens": clip.tokenizer()(texts)}))
+      raise QueryError("the text query is empty: give the words to search for")
+    tokens = clip.tokenizer()(texts)
+    budget = int(self.config.model.get("max_words", 0))
+    longest = int(word_counts(tokens).max())
+    if 0 < budget < longest:   # never silently: the model reads only its word budget (model.max_words)
+      print(f"note: the query has {longest} words; this model reads the first {budget} (model.max_words)",
+            file=sys.stderr)
+    return jax.device_get(self._encode(self.run.params, {"tokens": tokens}))
 
-  def audio_file(self, path: str, clip_seconds: float = VGGISH_CLIP_SECONDS) -> AudioEmbeddings:
+  def audio_file(self, path: str, clip_seconds: float = VGGISH_CLIP_SECONDS, name: str | None = None
+                 ) -> AudioEmbeddings:
     """The query of an audio-task run, on the model's snippet grid, through the audio tower: the audio track of
     `path` (data_prep.decode.decode_audio) for the spectrogram tower; for a tower on pre-extracted features
     (model.audio.kind='features', e.g. VGGish), a .npy array of them, (N, D) rows of `clip_seconds` each,
-    resampled as `varcmp prep --audio-features` does."""
-    config = self.config
+    resampled as `varcmp prep --audio-features` does, read safely (at most QUERY_MAX_BYTES; no pickles).
+
+    `name`: what errors call the file (a server's upload name; default `path`), so they never show a temp path.
+    """
+    config, label = self.config, name or path
     if config.task != "audio":
-      raise ValueError(f"{self.run.workdir} is a text -> video model: query it with --text, not --audio")
+      raise QueryError(f"{self.run.workdir} is a text -> video model: query it with --text, not --audio")
     snippets = config.data.snippets
     if config.model.audio.kind == "spectrogram":
-      batch = {"mel": _log_mel(path, config)[None]}
+      batch = {"mel": _log_mel(path, config, label)[None]}
     else:
-      batch = {"audio_features": _audio_features(path, config, clip_seconds)[None]}
-    return jax.device_get(self._encode(self.run.params, {**batch, "mask": np.ones((1, snippets), bool)}))
+      batch = {"audio_features": _audio_features(path, config, clip_seconds, label)[None]}
+    query = jax.device_get(self._encode(self.run.params, {**batch, "mask": np.ones((1, snippets), bool)}))
+    if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(query)):
+      raise QueryError(f"{label}: the model's audio tower gives non-finite values for it (are its values "
+                       "features of the kind the model was trained on?)")
+    return query
 
 
-def _log_mel(path: str, config) -> np.ndarray:
+
+def _log_mel(path: str, config, label: str) -> np.ndarray:
   from data_prep import decode  # pylint: disable=g-import-not-at-top
   audio = config.model.audio
   options = decode.DecodeOptions(snippets=config.data.snippets, audio="required", mel_bins=audio.mel_bins,
                                  mel_frames=audio.mel_frames)
   try:
     return decode.decode_audio(path, options)["mel"].astype(np.float32)
-  except decode.DecodeError as e:
-    raise ValueError(str(e)) from None
+  except decode.DecodeError as e:   # FFmpeg's messages may quote the path: show the user's name instead
+    raise QueryError(f"{label}: {' '.join(e.reason.replace(path, label).split())}") from None
 
 
-def _audio_features(path: str, config, clip_seconds: float) -> np.ndarray:
+def _audio_features(path: str, config, clip_seconds: float, label: str) -> np.ndarray:
   """(T, D) from a .npy of (N, D) pre-extracted audio features, with prep's checks and resampling."""
   from data_prep import decode, released  # pylint: disable=g-import-not-at-top
   width = config.model.audio.feature_dim
-  if not path.endswith(".npy"):
-    raise ValueError(f"the audio tower reads pre-extracted {width}-d features (model.audio.kind='features'): "
+  if not (path.endswith(".npy") or label.endswith(".npy")):
+    raise QueryError(f"the audio tower reads pre-extracted {width}-d features (model.audio.kind='features'): "
                      f"query it with a .npy array of them, (N, {width}) rows of --audio-clip-seconds each, not the "
-                     f"raw audio of {path}")
+                     f"raw audio of {label}")
   if not clip_seconds > 0:
-    raise ValueError(f"--audio-clip-seconds must be > 0 (got {clip_seconds})")
-  source = released.ArraySource("audio features", glob.escape(path), clip_seconds, crops=None)
+    raise QueryError(f"--audio-clip-seconds must be > 0 (got {clip_seconds})")
+  source = released.ArraySource("audio features", path, clip_seconds, crops=None)
   try:
-    rows = released.load_rows(source, video="")
-  except released.ArrayError as e:
-    raise ValueError(f"{path}: {e.reason}") from None
+    rows = released.load_file(source, path, label, QUERY_MAX_BYTES)
+  except released.ArrayError as e:   # its reason names the file as `label`
+    raise QueryError(e.reason) from None
   if rows.shape[1] != width:
-    raise ValueError(f"{path}: {rows.shape[1]}-d audio features; the model's audio tower takes {width}-d ones "
+    raise QueryError(f"{label}: {rows.shape[1]}-d audio features; the model's audio tower takes {width}-d ones "
                      "(model.audio.feature_dim)")
   times = decode.snippet_times(rows.shape[0] * clip_seconds, config.data.snippets)
   return released.resample(rows, clip_seconds, times)
@@ -257,12 +279,12 @@ def format_localization(result: dict, records: str, split: str) -> str:
 
 
 def format_table(hits: list[dict], query: str) -> str:
-  """rank, score, video, key segments, caption; the video column is as wide as the longest name shown
-  (XD-Violence ids run to 60 characters and more)."""
+  """rank, score, video, key segments (the two strongest, in time order), caption; the video column is as wide
+  as the longest name shown (XD-Violence ids run to 60 characters and more)."""
   width = max([28] + [len(hit["video"]) for hit in hits])
   lines = [f"query: {query}", f"{'rank':>4}  {'score':>7}  {'video':<{width}} {'key segments (s)':<28} caption"]
   for hit in hits:
-    shown = [f"{s['start']:.1f}-{s['end']:.1f}" for s in hit["segments"][:2]]
+    shown = [f"{s['start']:.1f}-{s['end']:.1f}" for s in sorted(hit["segments"][:2], key=lambda s: s["start"])]
     more = len(hit["segments"]) - len(shown)
     segments = ", ".join(shown) + (f" (+{more})" if more else "") or "-"
     caption = hit["caption"] if len(hit["caption"]) <= 60 else hit["caption"][:57] + "..."
@@ -271,35 +293,43 @@ def format_table(hits: list[dict], query: str) -> str:
 
 
 def plot(hits: list[dict], query: str, path: str, max_hits: int = 5):
-  """Per-snippet relevance (bars) and anomaly prior (line) of the top hits over time; key segments shaded."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  hits = hits[:max_hits]
-  fig, axes = plt.subplots(len(hits), 1, figsize=(9, 2.2 * len(hits)), squeeze=False)
-  for ax, hit in zip(axes[:, 0], hits):
+  """Writes `hits_figure` of the top `max_hits` hits to `path` (png, pdf, svg, jpg by its extension)."""
+  hits_figure(hits[:max_hits], query).savefig(path, dpi=100)
+
+
+def hits_figure(hits: list[dict], query: str):
+  """A matplotlib Figure: per hit, its per-snippet relevance (bars) and anomaly prior (line) over time, key
+  segments shaded, the ground-truth event hatched; one legend for the marks drawn."""
+  from matplotlib import figure, lines, patches  # pylint: disable=g-import-not-at-top
+  relevance, prior = dict(color="tab:blue", alpha=0.8), dict(color="tab:green")
+  segment, event = dict(color="tab:orange", alpha=0.25), dict(fill=False, hatch="//", edgecolor="tab:red")
+  rows = max(len(hits), 1)     # no hits: one empty chart
+  fig = figure.Figure(figsize=(9, 0.8 + 2.2 * rows), layout="constrained")   # no pyplot: no global state
+  axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+  for ax, hit in zip(axes, hits):
     times = np.asarray(hit["snippet_times"]).reshape(-1, 2)
-    ax.bar(times[:, 0], hit["relevance"], width=times[:, 1] - times[:, 0], align="edge", color="tab:blue",
-           alpha=0.8, zorder=2, label="relevance w_t cos(f_t, q)")
+    ax.bar(times[:, 0], hit["relevance"], width=times[:, 1] - times[:, 0], align="edge", zorder=2, **relevance)
     for s in hit["segments"]:
-      ax.axvspan(s["start"], s["end"], color="tab:orange", alpha=0.25, zorder=0)
+      ax.axvspan(s["start"], s["end"], zorder=0, **segment)
     if hit["event"]:
-      ax.axvspan(*hit["event"], fill=False, hatch="//", edgecolor="tab:red", label="ground-truth event")
+      ax.axvspan(*hit["event"], zorder=1, **event)
     prior_ax = ax.twinx()
-    prior_ax.plot(times.mean(axis=1), hit["prior"], color="tab:green", label="anomaly prior")
+    prior_ax.plot(times.mean(axis=1), hit["prior"], **prior)
     prior_ax.set_ylim(0, 1)
     prior_ax.set_ylabel("prior")
     ax.set_xlim(0, hit["duration"])
     ax.set_ylabel("relevance")
     ax.set_title(f"#{hit['rank']} {hit['video']} (score {hit['score']:.3f})", fontsize=9)
-    if ax is axes[0, 0]:
-      handles = [h for a in (ax, prior_ax) for h in a.get_legend_handles_labels()[0]]
-      ax.legend(handles=handles, loc="upper left", fontsize=7)
-  axes[-1, 0].set_xlabel("time (s)")
+  axes[-1].set_xlabel("time (s)")
+  legend = [patches.Patch(label="relevance w_t cos(f_t, q)", **relevance),
+            lines.Line2D([], [], label="anomaly prior", **prior)]
+  if any(hit["segments"] for hit in hits):
+    legend.append(patches.Patch(label="key segment", **segment))
+  if any(hit["event"] for hit in hits):
+    legend.append(patches.Patch(label="ground-truth event", **event))
+  fig.legend(handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8, frameon=False)
   fig.suptitle(f"query: {query}", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
 
 
 def _check_plot_path(path: str) -> str | None:
@@ -358,8 +388,10 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--plot", default=None, help="write a PNG of the top hits' relevance and prior")
   parser.add_argument("--no-cache", action="store_true", help="neither read nor write the gallery cache")
   args = parser.parse_args(argv)
-  if args.top_k < 1 or not 0 <= args.threshold <= 1:
-    parser.error("--top-k must be >= 1 and --threshold in [0, 1]")
+  if args.top_k < 1 or not 0 <= args.threshold <= 1 or not 0 <= args.iou <= 1:
+    parser.error("--top-k must be >= 1, --threshold and --iou in [0, 1]")
+  if not 0 < args.audio_clip_seconds < float("inf"):
+    parser.error(f"--audio-clip-seconds {args.audio_clip_seconds}: the seconds one row covers, > 0")
   if args.gallery is not None and not args.workdir:
     parser.error("--gallery needs --workdir (the run that embeds it)")
   if args.index is not None and (args.localization or args.step is not None or args.split or args.no_cache):
@@ -383,6 +415,10 @@ def main(argv: list[str]) -> int:
   if args.localization:
     return 0
   hits = output["hits"]
+  if (bad := next((hit for hit in hits if not hits_lib.finite(hit)), None)) is not None:
+    held_by = f"the index {args.index}" if args.index else f"the embeddings of {args.gallery}"
+    raise SystemExit(f"varcmp search: {bad['video']} scores a non-finite value: {held_by} hold non-finite values "
+                     "(rebuild them)")
   if args.json:
     print(json.dumps({"query": label, **output}, indent=2))
   else:

@@ -307,14 +307,19 @@ class VarCMPTorch(nn.Module):
   def encode_query(self, batch) -> dict:
     if self.task == "text":
       ids = torch.as_tensor(batch["tokens"]).long()
-      text = self.clip.text_model(input_ids=ids).last_hidden_state                  # after final_layer_norm
       eos_id = self.clip.config.text_config.eos_token_id
       eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)
+      max_words = int(self.config["model"].get("max_words", 0))
+      if 0 < max_words and max_words + 2 < ids.shape[1]:   # the word budget: <BOS>, max_words words, <EOS>
+        ids, longer = ids[:, :max_words + 2].clone(), eos >= max_words + 2
+        ids[longer, -1] = eos_id
+        eos = torch.where(longer, max_words + 1, eos)
+      text = self.clip.text_model(input_ids=ids).last_hidden_state                  # after final_layer_norm
       tokens = self.clip.text_projection(text)
       position = torch.arange(ids.shape[1])[None]
-      word_mask = (position > 0) & (position < eos[:, None])
+      word_mask = ((position > 0) & (position < eos[:, None]))[:, 1:-1]    # words: between <BOS> and the last
       return dict(sentence=tokens[torch.arange(ids.shape[0]), eos],
-                  words=torch.where(word_mask[..., None], tokens, torch.zeros(())), word_mask=word_mask)
+                  words=torch.where(word_mask[..., None], tokens[:, 1:-1], torch.zeros(())), word_mask=word_mask)
     mask = torch.as_tensor(batch["mask"]).bool()
     if self.config["model"]["audio"]["kind"] == "spectrogram":
       segments = self.audio(torch.as_tensor(batch["mel"]).float(), mask)

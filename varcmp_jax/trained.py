@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from varcmp_jax import compilation_cache
 from varcmp_jax import config as config_lib
 
 
@@ -61,6 +62,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
     raise FileNotFoundError(f"{directory}: no checkpoint at all; run `varcmp train` first")
   if step is not None and step not in steps:
     raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (steps: {steps})")
+  compilation_cache.enable(config.get("compilation_cache", True))
   trainer = step_lib.build(config)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints,
                                              read_only=True)

@@ -79,8 +79,9 @@ def contrastive_losses(video: VideoEmbeddings, weights: jax.Array, query: TextEm
   """
   if axes is not None:
     query = jax.tree_util.tree_map(lambda x: jax.lax.all_gather(x, axes, tiled=True), query)
+  # Configs written before loss.precision trained at "highest".
   sims = similarity.level_similarities(video, weights, query, config.task, chunk_size=config.loss.get("chunk_size", 0),
-                                       levels=tuple(logit_scales))
+                                       levels=tuple(logit_scales), precision=config.loss.get("precision", "highest"))
   return {f"loss_{name}": level_loss(sims[name], scale, config.model.logit_scale_max, axes)
           for name, scale in logit_scales.items()}
 

@@ -15,9 +15,17 @@ words, not linear) build their cosines only for such a block: O(chunk_size^2 T R
 Q x G x T x R x L. Each block is rematerialized under autodiff so the backward pass keeps the bound.
 
 Padding: padded snippets, words and audio segments are zeroed before use (garbage, even NaN, never
-reaches a result) and masked out of every mean, max and sum. Math is float32 whatever the input dtype, and
-every contraction is pinned to float32 precision (PRECISION): by default a float32 dot runs in bf16 passes
-on TPU and in TF32 on GPU, a ~1e-3 relative error in cosines that should be exact to rank a gallery.
+reaches a result) and masked out of every mean, max and sum. Norms, maxima and sums are float32 whatever the
+input dtype.
+
+Precision of the contractions (`precision`, config.loss.precision in training; SPEC section 4):
+  "highest" (the default, and what evaluation, index and search use): float32 operands at Precision.HIGHEST.
+            A plain float32 dot runs in bf16 passes on TPU and in TF32 on GPU, a ~1e-3 relative error in
+            cosines that should be exact to rank a gallery.
+  "tf32":   float32 operands at Precision.HIGH: TF32 tensor cores on GPU, three bf16 passes on TPU.
+  "bf16":   bf16 operands, float32 accumulation and output, forward AND backward (bf16_einsum): the training
+            default. JAX's own transpose of a bf16 dot with a float32 output would contract the float32
+            cotangent, i.e. run the backward at float32 speed.
 """
 import functools
 
@@ -29,7 +37,8 @@ from varcmp_jax import config as config_lib
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
 
 _EPS = 1e-6
-PRECISION = jax.lax.Precision.HIGHEST
+PRECISIONS = config_lib.LOSS_PRECISIONS
+_LAX_PRECISION = {"tf32": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST}
 
 
 def l2_normalize(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -52,6 +61,59 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(x, axis=-2) / count[..., None]
 
 
+def _transposed_specs(spec: str) -> tuple[str, str]:
+  """The einsum specs of the two cotangents of `lhs,rhs->out`: out,rhs->lhs and out,lhs->rhs.
+
+  Valid when every index of an operand also appears in the output or in the other operand (true of every
+  contraction here: no operand is summed on its own).
+  """
+  inputs, out = spec.split("->")
+  lhs, rhs = inputs.split(",")
+  return f"{out},{rhs}->{lhs}", f"{out},{lhs}->{rhs}"
+
+
+def _bf16_contract(spec, a, b):
+  """bf16 x bf16 -> float32. XLA:CPU cannot run every such dot (jaxlib 0.10.2: "Unsupported element type for
+  DotThunk::Execute: BF16 x BF16 = F32" for some layouts), so on a CPU the bf16-rounded operands are contracted
+  in float32: the same products (exact in float32) and the same float32 sums, slower."""
+  a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  native = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+  emulated = lambda a, b: jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32),
+                                     precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.platform_dependent(a, b, cpu=emulated, default=native)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def bf16_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum(spec, a, b) of float32 a, b with bf16 operands and float32 accumulation, in the forward and in both
+  backward contractions (the float32 cotangent is rounded to bf16 first); float32 out, float32 cotangents."""
+  return _bf16_contract(spec, a, b)
+
+
+def _bf16_einsum_fwd(spec, a, b):
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  return _bf16_contract(spec, a16, b16), (a16, b16)     # bf16 residuals: half of float32's memory
+
+
+def _bf16_einsum_bwd(spec, residuals, cotangent):
+  a16, b16 = residuals
+  da_spec, db_spec = _transposed_specs(spec)
+  return _bf16_contract(da_spec, cotangent, b16), _bf16_contract(db_spec, cotangent, a16)
+
+
+bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+
+
+def contract(spec: str, a: jax.Array, b: jax.Array, precision: str = "highest") -> jax.Array:
+  """The two-operand einsum of every similarity level, at `precision` (module docstring): float32 out."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  if precision == "bf16":
+    return bf16_einsum(spec, a, b)
+  if precision not in _LAX_PRECISION:
+    raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+  return jnp.einsum(spec, a, b, precision=_LAX_PRECISION[precision])
+
+
 def _valid_weights(weights: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask, weights.astype(jnp.float32), 0.0)
 
@@ -69,41 +131,43 @@ def _mean_pool(x: jax.Array, mask: jax.Array, chunk_size: int | None) -> jax.Arr
   return _blockwise(block, x.shape[0], chunk_size, axis=0)
 
 
-def _weighted_pool(video: VideoEmbeddings, weights: jax.Array, chunk_size: int | None) -> jax.Array:
+def _weighted_pool(video: VideoEmbeddings, weights: jax.Array, chunk_size: int | None, precision: str) -> jax.Array:
   """sum_t w_t f_t / ||f_t|| (G, D), block by block: S_frm is linear in it."""
   def block(start, length):
     take = _take(start, length)
     mask = take(video.mask)
-    return jnp.einsum("gt,gtd->gd", _valid_weights(take(weights), mask), l2_normalize(take(video.frames), mask),
-                      precision=PRECISION)
+    return contract("gt,gtd->gd", _valid_weights(take(weights), mask), l2_normalize(take(video.frames), mask),
+                    precision)
   return _blockwise(block, video.frames.shape[0], chunk_size, axis=0)
 
 
-def _cos_matrix(queries: jax.Array, gallery: jax.Array) -> jax.Array:
+def _cos_matrix(queries: jax.Array, gallery: jax.Array, precision: str) -> jax.Array:
   """(Q, D) x (G, D) -> (Q, G) cosine similarities."""
-  return jnp.matmul(l2_normalize(queries), l2_normalize(gallery).T, precision=PRECISION)
+  return contract("qd,gd->qg", l2_normalize(queries), l2_normalize(gallery), precision)
 
 
 # --- video-text ---------------------------------------------------------------------------------------
 
 
-def text_video_level(video: VideoEmbeddings, query: TextEmbeddings, chunk_size: int | None = None) -> jax.Array:
+def text_video_level(video: VideoEmbeddings, query: TextEmbeddings, chunk_size: int | None = None,
+                     precision: str = "highest") -> jax.Array:
   """S_vid = cos(mean_t f_t, s)."""
-  return _cos_matrix(query.sentence, _mean_pool(video.frames, video.mask, chunk_size))
+  return _cos_matrix(query.sentence, _mean_pool(video.frames, video.mask, chunk_size), precision)
 
 
 def text_frame_level(video: VideoEmbeddings, weights: jax.Array, query: TextEmbeddings,
-                     chunk_size: int | None = None) -> jax.Array:
+                     chunk_size: int | None = None, precision: str = "highest") -> jax.Array:
   """S_frm = sum_t w_t cos(f_t, s) = s/||s|| . sum_t w_t f_t/||f_t||."""
-  return jnp.matmul(l2_normalize(query.sentence), _weighted_pool(video, weights, chunk_size).T, precision=PRECISION)
+  return contract("qd,gd->qg", l2_normalize(query.sentence), _weighted_pool(video, weights, chunk_size, precision),
+                  precision)
 
 
-def _text_spatial_block(regions, snippet_mask, weights, words, word_mask):
+def _text_spatial_block(regions, snippet_mask, weights, words, word_mask, precision):
   """S_spa for one block: regions (g, T, R, D) normalized, words (q, L, D) normalized -> (q, g).
 
   The cosine tensor keeps the matmul's own (g, T, R, q, L) layout, so XLA never transposes it.
   """
-  cos = jnp.einsum("gtkd,qld->gtkql", regions, words, precision=PRECISION)   # the O(chunk) tensor
+  cos = contract("gtkd,qld->gtkql", regions, words, precision)            # the O(chunk) tensor
   num_words = jnp.sum(word_mask, axis=-1, dtype=jnp.float32)            # (q,)
   # Words -> regions: every real word finds its best region, averaged over real words.
   best_region = jnp.max(cos, axis=2)                                    # (g, T, q, L)
@@ -112,18 +176,18 @@ def _text_spatial_block(regions, snippet_mask, weights, words, word_mask):
   best_word = jnp.max(jnp.where(word_mask, cos, -jnp.inf), axis=-1)     # (g, T, R, q)
   region_term = jnp.mean(jnp.where(num_words > 0, best_word, 0.0), axis=2)
   per_snippet = 0.5 * (word_term + region_term)                         # (g, T, q)
-  return jnp.einsum("gt,gtq->qg", _valid_weights(weights, snippet_mask), per_snippet, precision=PRECISION)
+  return contract("gt,gtq->qg", _valid_weights(weights, snippet_mask), per_snippet, precision)
 
 
 def text_spatial_level(video: VideoEmbeddings, weights: jax.Array, query: TextEmbeddings,
-                       chunk_size: int | None = None) -> jax.Array:
+                       chunk_size: int | None = None, precision: str = "highest") -> jax.Array:
   """S_spa (region-word), blockwise over queries and videos."""
   def block(q_start, q_len, g_start, g_len):
     take_q, take_g = _take(q_start, q_len), _take(g_start, g_len)
     snippet_mask, word_mask = take_g(video.mask), take_q(query.word_mask)
     regions = l2_normalize(take_g(video.regions), snippet_mask[..., None])
     words = l2_normalize(take_q(query.words), word_mask)
-    return _text_spatial_block(regions, snippet_mask, take_g(weights), words, word_mask)
+    return _text_spatial_block(regions, snippet_mask, take_g(weights), words, word_mask, precision)
   return _blockwise_matrix(block, query.words.shape[0], video.regions.shape[0], chunk_size)
 
 
@@ -136,14 +200,15 @@ def _check_audio_grid(video: VideoEmbeddings, query: AudioEmbeddings):
                      f"{video.frames.shape[1]}: the audio must be on the video's snippet grid")
 
 
-def audio_semantic_level(video: VideoEmbeddings, query: AudioEmbeddings, chunk_size: int | None = None) -> jax.Array:
+def audio_semantic_level(video: VideoEmbeddings, query: AudioEmbeddings, chunk_size: int | None = None,
+                         precision: str = "highest") -> jax.Array:
   """S_sem = cos(mean_t f_t, mean_t u_t)."""
   return _cos_matrix(_mean_pool(query.segments, query.mask, chunk_size),
-                     _mean_pool(video.frames, video.mask, chunk_size))
+                     _mean_pool(video.frames, video.mask, chunk_size), precision)
 
 
 def audio_temporal_level(video: VideoEmbeddings, weights: jax.Array, query: AudioEmbeddings,
-                         chunk_size: int | None = None) -> jax.Array:
+                         chunk_size: int | None = None, precision: str = "highest") -> jax.Array:
   """S_tmp = sum_t w_t cos(f_t, u_t): per block, one contraction over (t, d) of w-scaled frames and audio."""
   _check_audio_grid(video, query)
   def block(q_start, q_len, g_start, g_len):
@@ -152,18 +217,18 @@ def audio_temporal_level(video: VideoEmbeddings, weights: jax.Array, query: Audi
     frames = l2_normalize(take_g(video.frames), snippet_mask)
     frames = frames * _valid_weights(take_g(weights), snippet_mask)[..., None]
     segments = l2_normalize(take_q(query.segments), take_q(query.mask))
-    return jnp.einsum("qtd,gtd->qg", segments, frames, precision=PRECISION)
+    return contract("qtd,gtd->qg", segments, frames, precision)
   return _blockwise_matrix(block, query.segments.shape[0], video.frames.shape[0], chunk_size)
 
 
-def _audio_spatial_block(regions, snippet_mask, weights, segments):
+def _audio_spatial_block(regions, snippet_mask, weights, segments, precision):
   """S_spa for one block: regions (g, T, R, D), segments (q, T, D), both normalized -> (q, g)."""
-  best_region = jnp.max(jnp.einsum("gtkd,qtd->tgkq", regions, segments, precision=PRECISION), axis=2)  # (T, g, q)
-  return jnp.einsum("gt,tgq->qg", _valid_weights(weights, snippet_mask), best_region, precision=PRECISION)
+  best_region = jnp.max(contract("gtkd,qtd->tgkq", regions, segments, precision), axis=2)   # (T, g, q)
+  return contract("gt,tgq->qg", _valid_weights(weights, snippet_mask), best_region, precision)
 
 
 def audio_spatial_level(video: VideoEmbeddings, weights: jax.Array, query: AudioEmbeddings,
-                        chunk_size: int | None = None) -> jax.Array:
+                        chunk_size: int | None = None, precision: str = "highest") -> jax.Array:
   """S_spa (sounding region), blockwise over queries and videos."""
   _check_audio_grid(video, query)
   def block(q_start, q_len, g_start, g_len):
@@ -171,7 +236,7 @@ def audio_spatial_level(video: VideoEmbeddings, weights: jax.Array, query: Audio
     snippet_mask = take_g(video.mask)
     regions = l2_normalize(take_g(video.regions), snippet_mask[..., None])
     segments = l2_normalize(take_q(query.segments), take_q(query.mask))
-    return _audio_spatial_block(regions, snippet_mask, take_g(weights), segments)
+    return _audio_spatial_block(regions, snippet_mask, take_g(weights), segments, precision)
   return _blockwise_matrix(block, query.segments.shape[0], video.regions.shape[0], chunk_size)
 
 
@@ -214,14 +279,17 @@ def _blockwise_matrix(block, num_queries: int, num_videos: int, chunk_size: int 
 
 def level_similarities(video: VideoEmbeddings, weights: jax.Array, query: TextEmbeddings | AudioEmbeddings,
                        task: str, chunk_size: int | None = None, levels: tuple[str, ...] | None = None,
-                       mesh: jax.sharding.Mesh | None = None) -> dict[str, jax.Array]:
+                       mesh: jax.sharding.Mesh | None = None, precision: str = "highest") -> dict[str, jax.Array]:
   """{level: (Q, G)} for `levels` (default all of config.TASK_LEVELS[task]).
 
   weights: (G, T) anomaly-biased snippet weights w_t (weighting.snippet_weights). chunk_size: videos
   (and queries) per block (None or 0: one block, fine for a training batch). mesh: the videos are split
   over all its devices (G must divide; the queries are replicated): each device computes its own
-  (Q, G_local) columns, chunk by chunk, and the result is (Q, G) sharded by columns.
+  (Q, G_local) columns, chunk by chunk, and the result is (Q, G) sharded by columns. precision: of every
+  contraction, one of PRECISIONS (module docstring); "highest" ranks exactly.
   """
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
   if task not in config_lib.TASK_LEVELS:
     raise ValueError(f"task {task!r} is not one of {tuple(config_lib.TASK_LEVELS)}")
   known = config_lib.TASK_LEVELS[task]
@@ -241,21 +309,22 @@ def level_similarities(video: VideoEmbeddings, weights: jax.Array, query: TextEm
     if num_videos % mesh.size:
       raise ValueError(f"level_similarities: {num_videos} videos do not split over the {mesh.size} devices of "
                        "the mesh; pad the gallery with masked-out videos")
-    local = functools.partial(level_similarities, task=task, chunk_size=chunk_size, levels=levels)
+    local = functools.partial(level_similarities, task=task, chunk_size=chunk_size, levels=levels,
+                              precision=precision)
     return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P(None, axes))(
         video, weights, query)
 
   if task == "text":
     compute = {
-        "video": lambda: text_video_level(video, query, chunk_size),
-        "frame": lambda: text_frame_level(video, weights, query, chunk_size),
-        "spatial": lambda: text_spatial_level(video, weights, query, chunk_size),
+        "video": lambda: text_video_level(video, query, chunk_size, precision),
+        "frame": lambda: text_frame_level(video, weights, query, chunk_size, precision),
+        "spatial": lambda: text_spatial_level(video, weights, query, chunk_size, precision),
     }
   else:
     compute = {
-        "semantic": lambda: audio_semantic_level(video, query, chunk_size),
-        "temporal": lambda: audio_temporal_level(video, weights, query, chunk_size),
-        "spatial": lambda: audio_spatial_level(video, weights, query, chunk_size),
+        "semantic": lambda: audio_semantic_level(video, query, chunk_size, precision),
+        "temporal": lambda: audio_temporal_level(video, weights, query, chunk_size, precision),
+        "spatial": lambda: audio_spatial_level(video, weights, query, chunk_size, precision),
     }
   return {name: compute[name]() for name in levels}
 
@@ -281,7 +350,7 @@ def snippet_relevance(video: VideoEmbeddings, weights: jax.Array,
   """
   frames = l2_normalize(video.frames, video.mask)                     # (P, T, D)
   if isinstance(query, TextEmbeddings):
-    cos = jnp.einsum("ptd,pd->pt", frames, l2_normalize(query.sentence), precision=PRECISION)
+    cos = contract("ptd,pd->pt", frames, l2_normalize(query.sentence))
   else:
     cos = jnp.sum(frames * l2_normalize(query.segments, query.mask), axis=-1)
   return _valid_weights(weights, video.mask) * cos

@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.extend import backend as jax_backend
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,11 +97,11 @@ class CLIPConfig:
   logit_scale_init: float = 2.6592            # HF default, ln(1/0.07)
   dtype: str = "float32"                      # compute dtype, e.g. "bfloat16"
   param_dtype: str = "float32"
-  attention_impl: str | None = None           # None (JAX's default, XLA today) | "xla" | "cudnn" (bf16/fp16 on GPU)
+  attention_impl: str = "auto"                # ATTENTION_IMPLS; see `attention_plan`
   remat: bool = False                         # rematerialize each transformer block in the backward pass
 
   @classmethod
-  def from_dict(cls, d, dtype="float32", param_dtype="float32", attention_impl=None, remat=False):
+  def from_dict(cls, d, dtype="float32", param_dtype="float32", attention_impl="auto", remat=False):
     """From a `config.model.clip`-like mapping: projection_dim, vision{...}, text{...} (HF names)."""
     d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
     known = {"vision", "text", "projection_dim", "logit_scale_init"}
@@ -112,7 +113,7 @@ class CLIPConfig:
         projection_dim=int(d.get("projection_dim", 512)),
         logit_scale_init=float(d.get("logit_scale_init", 2.6592)),
         dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype).name,
-        attention_impl=attention_impl or None, remat=bool(remat))
+        attention_impl=attention_impl or "auto", remat=bool(remat))
 
   def to_dict(self) -> dict[str, Any]:
     """The size fields only (what `from_dict` reads back); run settings are passed separately."""
@@ -166,13 +167,86 @@ class MLP(nn.Module):
     return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def cudnn_attention_length(seq_len: int, head_dim: int, dtype, compute_capability: str) -> int | None:
+  """The length to pad a self-attention sequence to so that JAX's cuDNN flash attention takes it, else None.
+
+  JAX's own rule for our calls (no bias, no fp8), from jax/_src/cudnn/fused_attention_stablehlo.py
+  (`check_layout`, `check_is_flash_attention`; the same from jax 0.10.2 to 0.11.2):
+  - q/k/v in bfloat16 or float16;
+  - head dim a multiple of 8, at most 256 from compute capability 9.0 (Hopper) on, else 128;
+  - compute capability 10.3 needs cuDNN >= 9.11, a version no public API reports: refused here;
+  - both lengths even whenever the call is differentiated. `cudnn.dot_product_attention` replaces a missing
+    bias by an empty placeholder array before `_dot_product_attention_fwd_rule` tests `bias is not None`, so
+    the training path applies the check meant for biased calls to every call: "Unsupported sequence length
+    Q 197, KV 197". A trace does not know whether it will be differentiated, so the length is always even.
+  """
+  capability = tuple(int(x) for x in compute_capability.split("."))
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or capability == (10, 3):
+    return None
+  if head_dim % 8 or head_dim > (256 if capability >= (9, 0) else 128):
+    return None
+  return seq_len + seq_len % 2
+
+
+def attention_plan(impl: str, platform: str, seq_len: int, head_dim: int, dtype,
+                   compute_capability: str | None = None) -> tuple[str, int]:
+  """(`jax.nn.dot_product_attention` implementation, padded sequence length) for `model.attention_impl`.
+
+  platform: "cuda" for a CUDA GPU (then `compute_capability`, e.g. "9.0"), else the JAX backend name.
+  "auto": cuDNN where `cudnn_attention_length` accepts the call, else XLA (CPU, TPU, ROCm, float32, odd head
+  dims); JAX offers no other fused kernel through this API. "cudnn": the same, but a ValueError where cuDNN
+  cannot run. "xla": XLA, unpadded.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention_impl={impl!r}: must be one of {ATTENTION_IMPLS}")
+  length = None
+  if impl != "xla" and platform == "cuda":
+    length = cudnn_attention_length(seq_len, head_dim, dtype, compute_capability)
+  if length is not None:
+    return "cudnn", length
+  if impl == "cudnn":
+    raise ValueError(f"model.attention_impl='cudnn' cannot run on {platform} with {jnp.dtype(dtype).name} "
+                     f"compute and head dim {head_dim}: JAX's cuDNN attention needs a CUDA GPU, model.dtype "
+                     f"bfloat16 or float16 and a head dim that is a multiple of 8 (<= 128, <= 256 from Hopper "
+                     f"on); use 'auto' or 'xla'")
+  return "xla", seq_len
+
+
+def _default_backend() -> tuple[str, str | None]:
+  """(platform, compute capability) as `attention_plan` takes them, for the default JAX backend."""
+  backend = jax_backend.get_backend()
+  if "cuda" in backend.platform_version:   # how JAX's cuDNN checks tell CUDA from ROCm
+    return "cuda", jax.local_devices()[0].compute_capability
+  return backend.platform, None
+
+
+def dot_product_attention(q, k, v, causal: bool, implementation: str, length: int):
+  """`jax.nn.dot_product_attention` over (B, N, heads, head_dim) q, k, v, run at sequence length `length`.
+
+  For length > N the sequence is zero-padded here, the padded keys are masked (a causal mask already hides
+  them: they come after every real query) and the output is cut back to N, so the result is the unpadded one.
+  Scale 1/sqrt(head_dim) (the default) and softmax in float32, as HF does.
+  """
+  n = q.shape[1]
+  if length == n:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, length - n), (0, 0), (0, 0)))
+  key_lengths = None if causal else jnp.full((q.shape[0],), n, jnp.int32)
+  y = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=causal, key_value_seq_lengths=key_lengths,
+                                   implementation=implementation)
+  return y[:, :n]
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with HF's separate q/k/v/out projections."""
+  """Multi-head self-attention with HF's separate q/k/v/out projections; the kernel from `attention_plan`."""
   num_heads: int
   causal: bool
   dtype: Any
   param_dtype: Any
-  attention_impl: str | None
+  attention_impl: str
 
   @nn.compact
   def __call__(self, x):
@@ -181,8 +255,9 @@ class Attention(nn.Module):
     dense = lambda name: nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     heads = lambda y: y.reshape(b, n, self.num_heads, head_dim)
     q, k, v = heads(dense("q_proj")(x)), heads(dense("k_proj")(x)), heads(dense("v_proj")(x))
-    # Scale 1/sqrt(head_dim) (the default) and softmax in float32, as HF does.
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.attention_impl)
+    platform, capability = _default_backend()
+    implementation, length = attention_plan(self.attention_impl, platform, n, head_dim, q.dtype, capability)
+    y = dot_product_attention(q, k, v, self.causal, implementation, length)
     return dense("out_proj")(y.reshape(b, n, width))
 
 
@@ -195,7 +270,7 @@ class EncoderLayer(nn.Module):
   causal: bool
   dtype: Any
   param_dtype: Any
-  attention_impl: str | None
+  attention_impl: str
 
   @nn.compact
   def __call__(self, x):
@@ -221,7 +296,7 @@ class VisionTransformer(nn.Module):
 
   Constructor:
     VisionTransformer(config: VisionConfig, dtype="float32", param_dtype="float32",
-                      attention_impl=None, remat=False)
+                      attention_impl="auto", remat=False)
   `config.num_channels` sets the input channels (1 for log-mel spectrograms) and `config.image_size` /
   `config.patch_size` may be rectangular (H, W), e.g.
     VisionTransformer(dataclasses.replace(clip_config.vision, num_channels=1, image_size=(96, 64)))
@@ -233,7 +308,7 @@ class VisionTransformer(nn.Module):
   config: VisionConfig
   dtype: Any = "float32"
   param_dtype: Any = "float32"
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact
@@ -279,7 +354,7 @@ class TextTransformer(nn.Module):
   config: TextConfig
   dtype: Any = "float32"
   param_dtype: Any = "float32"
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact

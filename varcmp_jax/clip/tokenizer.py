@@ -16,6 +16,7 @@ import ftfy
 import numpy as np
 
 CONTEXT_LENGTH = 77
+EOS_TOKEN_ID = 49407     # <|endoftext|>
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2   # OpenAI CLIP uses the first 48894 merges of the file
 
@@ -89,6 +90,11 @@ class Tokenizer:
       tokens = [self.bos_id] + list(words[:self.context_length - 2]) + [self.eos_id]
       row[:len(tokens)] = tokens
     return ids
+
+
+def word_counts(ids) -> np.ndarray:
+  """Words per caption of token ids (..., L): the tokens between <|startoftext|> and the first <|endoftext|>."""
+  return np.argmax(np.asarray(ids) == EOS_TOKEN_ID, axis=-1) - 1
 
 
 @functools.lru_cache(maxsize=4)

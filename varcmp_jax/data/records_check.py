@@ -123,3 +123,64 @@ def check(config, split: str, manifest: dict) -> None:
   if found:
     where = pathlib.Path(config.data.records) / "manifest.json"
     raise RecordsMismatch(f"the {split!r} records of {where} do not fit the config:\n  " + "\n  ".join(found))
+
+
+def check_size(config, split: str, manifest: dict) -> None:
+  """RecordsMismatch when `split` holds no records or, as the train split, fewer records than a train batch:
+  each batch would then hold some video twice, and the contrastive loss would count its copy as a negative of it
+  (the InfoNCE diagonal assumes B distinct videos)."""
+  where = pathlib.Path(config.data.records) / "manifest.json"
+  records = manifest["splits"].get(split, {}).get("records", 0)
+  field = "data.train_split" if split == config.data.train_split else "data.eval_split"
+  if not records:
+    raise RecordsMismatch(f"{field}={split!r}: that split of {where} has no records (its videos were all skipped, "
+                          f"see `skipped` there, or the table has none): re-run `varcmp prep`, or set "
+                          f"--config.{field} to a split with records")
+  batch = config.train.batch_size
+  if split == config.data.train_split and batch > records:
+    raise RecordsMismatch(f"train.batch_size={batch}, and the {split!r} split of {where} holds {records} records: "
+                          f"every batch would repeat videos (the contrastive loss needs {batch} distinct ones): set "
+                          f"--config.train.batch_size to at most {records} (a multiple of the device count)")
+
+
+# ---- the caption word budget (config.model.max_words) -------------------------------------------------
+
+
+def caption_words(split_info: dict) -> dict[int, int] | None:
+  """{words: captions} of a manifest split (`varcmp prep` counts them); None for manifests written before."""
+  histogram = split_info.get("caption_words")
+  return None if histogram is None else {int(words): int(n) for words, n in histogram.items()}
+
+
+def describe_words(histogram: dict[int, int]) -> str:
+  """'p50 17, p99 38, max 50 words' of a {words: captions} histogram."""
+  lengths = sorted(w for w, n in histogram.items() for _ in range(n))
+  if not lengths:
+    return "no captions"
+  at = lambda q: lengths[min(len(lengths) - 1, math.ceil(q * len(lengths)) - 1)]
+  return f"p50 {at(0.5)}, p99 {at(0.99)}, max {lengths[-1]} words"
+
+
+def word_budget(config, manifest: dict, splits) -> tuple[int, list[str]]:
+  """(the word budget config.model.max_words resolves to, one note per split whose captions exceed it).
+
+  max_words = 0 sizes the budget to the longest caption of `splits` (nothing is cut); a manifest that does not
+  count caption words (written before `varcmp prep` did) keeps all 75 words, with a note saying so.
+  """
+  budget = int(config.model.get("max_words", 0))
+  histograms = {split: caption_words(manifest["splits"].get(split, {})) for split in dict.fromkeys(splits)}
+  if budget == 0:
+    known = [h for h in histograms.values() if h]
+    if not known or any(h is None for h in histograms.values()):
+      return config_lib.MAX_WORDS, [f"{pathlib.Path(config.data.records) / 'manifest.json'} does not count caption "
+                                    f"words (records from an older `varcmp prep`): the text tower reads all "
+                                    f"{config_lib.MAX_WORDS}; set --config.model.max_words to the longest caption"]
+    budget = max(max(h) for h in known)
+    budget = min(max(budget, 1), config_lib.MAX_WORDS)
+  notes = []
+  for split, histogram in histograms.items():
+    over = sum(n for words, n in (histogram or {}).items() if words > budget)
+    if over:
+      notes.append(f"{over} of {sum(histogram.values())} {split!r} captions have more than model.max_words={budget} "
+                   f"words ({describe_words(histogram)}): only their first {budget} words are read")
+  return budget, notes

@@ -2,23 +2,29 @@
 
   varcmp index --workdir runs/demo/run --records runs/demo/records --out runs/demo/index
   varcmp index --workdir runs/demo/run --records data/new_records --out runs/demo/index --append
+  varcmp index --verify runs/demo/index
   varcmp search --index runs/demo/index --text "a red triangle shakes in the top left corner"
 
-The split is embedded slice by slice (--shard-size videos; within a slice, eval batches, so memory is one
-batch) and each slice becomes one shard of the index (varcmp_jax.index.store). Running the same command again
+The split is embedded slice by slice, a slice being as many videos as fit in --shard-mb on disk (within a slice,
+eval batches, so memory is one batch whatever the shard or split size), and each slice becomes one shard of the
+index (varcmp_jax.index.store), streamed to disk as its batches arrive. --storage says how the per-snippet
+vectors are kept (index.codec: int4 by default for vectors at least 256 wide). Running the same command again
 after a kill resumes at the first slice not committed; --append adds another records directory or split,
-embedded by the same run and checkpoint. Runs in one process on its local devices.
+embedded by the same run and checkpoint. --verify checks an index's files, checksums and rows. Runs in one
+process on its local devices.
 """
 import argparse
 import json
 import math
 import os
+import sys
 
 import jax
 import tqdm
 
 from varcmp_jax import evaluate, hits
 from varcmp_jax.data import pipeline
+from varcmp_jax.index import codec
 from varcmp_jax.index import levels as levels_lib
 from varcmp_jax.index import store
 
@@ -38,8 +44,19 @@ def slice_metadata(records: str, split: str, start: int, stop: int, snippets: in
           for meta in pipeline.load_split_metadata(records, split, start, stop)]
 
 
-def build(run, records: str, out: str, split: str, append: bool = False, shard_size: int = 1024) -> dict:
-  """Embeds `split` of `records` with `run` into the index `out` (created, resumed or appended to)."""
+def planned_layout(config, storage: str) -> dict:
+  """The layout of an index of `config`'s videos, as far as the config tells it (regions assumed present)."""
+  return store.layout_of(config.data.snippets, config.model.clip.projection_dim,
+                         len(levels_lib.POOLED_LEVELS[config.task]), config.model.region_grid ** 2, storage)
+
+
+def build(run, records: str, out: str, split: str, append: bool = False, shard_size: int | None = None,
+          shard_bytes: int = store.DEFAULT_SHARD_BYTES, storage: str | None = None) -> dict:
+  """Embeds `split` of `records` with `run` into the index `out` (created, resumed or appended to).
+
+  shard_size: videos per shard; None: as many as fit in shard_bytes. storage: codec.STORAGES or "auto" (None:
+  the index's own, auto for a new one).
+  """
   if jax.process_count() > 1:
     raise ValueError("varcmp index runs in one process (it uses every local device); start it on one host")
   config = pipeline.reading(run.config, records)
@@ -47,15 +64,14 @@ def build(run, records: str, out: str, split: str, append: bool = False, shard_s
   if not total:
     raise ValueError(f"{records}: split {split!r} has no records")
 
-  @jax.jit
-  def prepare(video):
-    return levels_lib.index_arrays(video, *levels_lib.snippet_weights(video, config), config.task)
-
-  with store.IndexWriter(out, header(run), append) as writer:
+  with store.IndexWriter(out, header(run), append, storage, config.model.clip.projection_dim) as writer:
+    prepare = jax.jit(lambda video: levels_lib.index_arrays(video, *levels_lib.snippet_weights(video, config),
+                                                            config.task, writer.storage))
+    per_shard = shard_size or store.videos_per_shard(planned_layout(config, writer.storage), shard_bytes)
     before = writer.videos
     source = writer.add_source({"records": os.path.realpath(records), "split": split,
                                 "fingerprint": pipeline.manifest_sha256(records), "videos": total,
-                                "slices": math.ceil(total / shard_size)}, append)
+                                "slices": math.ceil(total / per_shard)}, append)
     slices = writer.manifest["sources"][source]["slices"]     # as first written, when resuming
     pending = writer.pending_slices(source)
     todo = sum(stop - start for start, stop in (store.slice_bounds(total, slices, i) for i in pending))
@@ -77,12 +93,12 @@ def build(run, records: str, out: str, split: str, append: bool = False, shard_s
           bar.update(len(rows))
         shard.commit()
     return {"index": out, "videos": writer.videos, "added": writer.videos - before, "records": records,
-            "split": split, "bytes": _size(out)}
+            "split": split, "bytes": _size(out), "storage": writer.storage}
 
 
 def _check_levels(manifest: dict, arrays: dict):
   missing = levels_lib.unscorable(manifest["levels"], manifest["task"], manifest["pooled_levels"],
-                                  arrays["regions"] is not None)
+                                  "regions" in arrays)
   if missing:
     raise ValueError(f"the model gives no region tokens, so levels {missing} cannot be indexed; they need "
                      "loss.levels.<level>=0")
@@ -92,32 +108,60 @@ def _size(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def verify(path: str) -> int:
+  """`varcmp index --verify INDEX`: every problem on its own line (stderr), exit status 1 if any."""
+  try:
+    manifest = store.read_manifest(path)
+    problems = store.check(path, manifest, full=True, progress=True)
+  except store.StoreError as e:
+    problems = [str(e)]
+  if problems:
+    print("\n".join(f"varcmp index: {problem}" for problem in problems), file=sys.stderr)
+    return 1
+  print(f"index {path}: {manifest['videos']} videos in {len(manifest['shards'])} shards, every file's size, "
+        "checksum and rows checked: no problem")
+  return 0
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="varcmp index", description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a `varcmp train` workdir")
-  parser.add_argument("--records", required=True, help="records directory (`varcmp prep` output)")
-  parser.add_argument("--out", required=True, help="index directory (created, resumed, or appended to)")
+  parser.add_argument("--verify", metavar="INDEX", help="check an index (sizes, checksums, non-finite rows) and exit")
+  parser.add_argument("--workdir", help="a `varcmp train` workdir")
+  parser.add_argument("--records", help="records directory (`varcmp prep` output)")
+  parser.add_argument("--out", help="index directory (created, resumed, or appended to)")
   parser.add_argument("--split", default=None, help="split to index (default: the run's config.data.eval_split)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--append", action="store_true", help="add these records to an existing index")
-  parser.add_argument("--shard-size", type=int, default=1024, help="videos per shard (a resume restarts one)")
+  parser.add_argument("--storage", choices=("auto",) + codec.STORAGES, default=None,
+                      help="per-snippet vectors: int4/int8 codes with a scale each, or float16 (default: the "
+                           f"index's own; auto for a new one: int4 at widths >= {codec.AUTO_INT4_DIM}, else float16)")
+  parser.add_argument("--shard-mb", type=float, default=store.DEFAULT_SHARD_BYTES / 2**20,
+                      help="disk size of a shard, MiB (default %(default)g; a resume re-embeds one)")
+  parser.add_argument("--shard-size", type=int, default=None, help="videos per shard (instead of --shard-mb)")
   args = parser.parse_args(argv)
-  if args.shard_size < 1:
-    parser.error("--shard-size must be >= 1")
+  if args.verify is not None:
+    if any(v is not None for v in (args.workdir, args.records, args.out)):
+      parser.error("--verify INDEX takes no --workdir, --records or --out")
+    return verify(args.verify)
+  missing = [f"--{name}" for name in ("workdir", "records", "out") if getattr(args, name) is None]
+  if missing:
+    parser.error(f"the following arguments are required: {', '.join(missing)} (or --verify INDEX)")
+  if (args.shard_size is not None and args.shard_size < 1) or not args.shard_mb > 0:
+    parser.error("--shard-size must be >= 1 and --shard-mb > 0")
 
   from varcmp_jax import trained  # pylint: disable=g-import-not-at-top
   try:
     store.check_out(args.out, args.append)      # before the model loads
     run = trained.load(args.workdir, args.step)
     result = build(run, args.records, args.out, args.split or run.config.data.eval_split, args.append,
-                   args.shard_size)
+                   args.shard_size, int(args.shard_mb * 2**20), args.storage)
   except (FileNotFoundError, KeyError, ValueError) as e:
     raise SystemExit(f"varcmp index: {e}") from None
   except OSError as e:
     raise SystemExit(f"varcmp index: cannot write {args.out}: {e} (what was committed is kept; run the same "
                      "command again to resume)") from None
   print(f"index {result['index']}: {result['videos']} videos ({result['added']} added from {result['records']}, "
-        f"split {result['split']}), {result['bytes'] / 2**20:.1f} MiB\n"
+        f"split {result['split']}), {result['storage']} vectors, {result['bytes'] / 2**20:.1f} MiB\n"
         f"search it: varcmp search --index {result['index']} "
         + ("--text \"...\"" if run.config.task == "text" else "--audio FILE"))
   return 0

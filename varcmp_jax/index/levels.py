@@ -12,6 +12,7 @@ import numpy as np
 
 from varcmp_jax.alignment import similarity, weighting
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
+from varcmp_jax.index import codec
 
 # Rows of pooled.npy, in order.
 POOLED_LEVELS = {"text": ("video", "frame"), "audio": ("semantic",)}
@@ -37,17 +38,25 @@ def snippet_weights(video: VideoEmbeddings, config) -> tuple[jax.Array, jax.Arra
   return prior, weighting.snippet_weights(prior, video.mask, config.weighting.beta, config.weighting.tau)
 
 
-def index_arrays(video: VideoEmbeddings, prior: jax.Array, weights: jax.Array, task: str) -> dict:
-  """What an index stores of a batch of videos: pooled (B, P, D) and the per-snippet fields of store.FIELDS
-  but times (normalized f_t, normalized regions or None, w_t, prior, mask), float32."""
+def index_arrays(video: VideoEmbeddings, prior: jax.Array, weights: jax.Array, task: str, storage: str) -> dict:
+  """What an index stores of a batch of videos: pooled (B, P, D) float32 and the shard files of store.files but
+  times: normalized f_t and regions (absent without region tokens) encoded as `storage` (codec.encode, with
+  their _scale arrays when quantized), w_t, prior, mask."""
   mask = video.mask
   frames = similarity.l2_normalize(video.frames, mask)
   pooled = [similarity.l2_normalize(similarity.masked_mean(video.frames, mask))]
   if task == "text":
     pooled.append(jnp.einsum("gt,gtd->gd", jnp.where(mask, weights, 0.0), frames, precision=jax.lax.Precision.HIGHEST))
-  regions = None if video.regions is None else similarity.l2_normalize(video.regions, mask[..., None])
-  return {"pooled": jnp.stack(pooled, axis=1), "frames": frames, "regions": regions,
-          "weights": jnp.where(mask, weights, 0.0), "prior": jnp.where(mask, prior, 0.0), "mask": mask}
+  out = {"pooled": jnp.stack(pooled, axis=1), "weights": jnp.where(mask, weights, 0.0),
+         "prior": jnp.where(mask, prior, 0.0), "mask": mask}
+  vectors = {"frames": frames}
+  if video.regions is not None:
+    vectors["regions"] = similarity.l2_normalize(video.regions, mask[..., None])
+  for name, value in vectors.items():
+    out[name], scales = codec.encode(value, storage)
+    if scales is not None:
+      out[f"{name}_scale"] = scales
+  return out
 
 
 def query_vectors(query: TextEmbeddings | AudioEmbeddings) -> np.ndarray:

@@ -6,19 +6,29 @@
 
 Stage 1 scores every video exactly on the levels linear in the video (index.levels): one dot product per
 pooled row, streamed from pooled.npy in memory-mapped windows of `chunk_bytes`, keeping the K best by their
-combined linear score. Stage 2 reads the per-snippet tensors of those K candidates block by block, computes the
-other levels with the functions `varcmp eval` uses (alignment.similarity) and ranks the candidates by the
-exact combined score S = sum_g lambda_g S_g. Memory: one window, one block and K scores; never O(G). When
-every stage-2 level has lambda = 0, stage 1 is the exact ranking and stage 2 runs for the top_k only.
-`candidates=None` computes every level of every video, window by window: the exhaustive reference.
+combined linear score. Stage 2 reads the per-snippet tensors of those K candidates block by block (the next
+block is read while one is scored), computes the other levels and ranks the candidates by the combined score
+S = sum_g lambda_g S_g. Memory: one window, two blocks and K scores; never O(G). When every stage-2 level has
+lambda = 0, stage 1 is the exact ranking and stage 2 runs for the top_k only. `candidates=None` computes every
+level of every video, window by window: the exhaustive reference.
+
+Stage 2 on float16 vectors runs the functions `varcmp eval` uses (alignment.similarity) on them. On int8/int4
+codes (index.codec) the text spatial level contracts the codes with an int8 copy of the query's words (int32
+sums, one scale per vector; 3x faster than float32 on a CPU) and reduces the cosines as
+similarity.text_spatial_level does; the audio levels decode the codes to float32 and run the same functions.
 """
+import concurrent.futures
+import os
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from varcmp_jax import config as config_lib
 from varcmp_jax import hits as hits_lib
 from varcmp_jax.alignment import similarity
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
+from varcmp_jax.index import codec
 from varcmp_jax.index import levels as levels_lib
 from varcmp_jax.index import store
 
@@ -64,14 +74,20 @@ class Index:
       raise store.StoreError(f"{self.path}: levels {missing} have a weight but the index cannot score them "
                              f"(no region tokens); it scores {known}")
     self.level_order = tuple(name for name in config_lib.TASK_LEVELS[self.task] if name in known)
-    self.fields = sorted({f for name in self.snippet_levels for f in levels_lib.SNIPPET_LEVEL_FIELDS[name]})
+    self.storage = self.store.storage
+    self.files = self._files({f for name in self.snippet_levels for f in levels_lib.SNIPPET_LEVEL_FIELDS[name]})
     config = manifest.get("config") or {}
     chunk_size = int(config.get("eval", {}).get("chunk_size", 64))
     self.window_rows = max(1, chunk_bytes // (4 * layout["pooled"] * layout["dim"]))
-    per_video = sum(4 * int(np.prod(self.store.row_shape(f))) for f in self.fields) or 1
+    # A stage-2 block: chunk_bytes of its stored values as float32 (16 videos of int4 codes at T = 256, D = 512,
+    # R = 4: blocks small enough to stay in the CPU's caches score fastest there).
+    per_video = max(1, sum(4 * int(np.prod(self.store.row_shape(f))) for f in self.files))
     self.block_rows = int(2 ** np.floor(np.log2(np.clip(chunk_bytes // per_video, 1, MAX_BLOCK))))
-    self._score_block = _block_scorer(self.task, self.snippet_levels, chunk_size)
-    self._relevance = jax.jit(similarity.snippet_relevance)
+    d = layout["dim"]
+    self._score_block = _block_scorer(self.task, self.snippet_levels, chunk_size, self.storage, d)
+    self._relevance = jax.jit(lambda frames, scales, mask, weights, query: similarity.snippet_relevance(
+        VideoEmbeddings(frames=codec.decode(frames, scales, self.storage, d), regions=None, mask=mask, anomaly=None),
+        weights, query))
 
   def __len__(self) -> int:
     return self.store.videos
@@ -109,27 +125,45 @@ class Index:
   def _linear_weights(self) -> np.ndarray:
     return np.array([self.lambdas.get(name, 0.0) for name in self.pooled_levels], np.float32)
 
+  def _files(self, fields) -> tuple[str, ...]:
+    """The shard files behind `fields`: a quantized vector field brings its scales."""
+    scaled = self.storage != "float16"
+    return tuple(sorted({*fields, *(f"{f}_scale" for f in fields if scaled and f in ("frames", "regions"))}))
+
   def _stage1_windows(self, vectors: np.ndarray):
     """(rows, (n, P) linear level scores) per window of pooled.npy."""
-    work = np.empty((self.window_rows, *vectors.shape), np.float32)   # reused: no fresh pages per window
     for start, window in self.store.pooled_chunks(self.window_rows):
-      converted = work[:len(window)]
-      np.copyto(converted, window)
-      linear = np.einsum("npd,pd->np", converted, vectors)
+      linear = np.einsum("npd,pd->np", window, vectors)
+      if not np.isfinite(linear).all():    # a damaged row would sink out of every ranking unseen
+        row = start + int(np.argmin(np.isfinite(linear).all(axis=1)))
+        raise self.store.damaged(self.store.pooled_path, f"row {row} holds non-finite values (NaN or inf)")
       yield np.arange(start, start + len(window), dtype=np.int64), linear
 
   def _stage2(self, rows: np.ndarray, query) -> dict[str, np.ndarray]:
-    """{level: (len(rows),)} of the stage-2 levels, block by block (blocks padded to one shape: one compile)."""
+    """{level: (len(rows),)} of the stage-2 levels, block by block (blocks padded to one shape: one compile);
+    each block's files are read while the one before is scored."""
     out = {name: np.zeros(len(rows), np.float32) for name in self.snippet_levels}
-    if not self.snippet_levels:
+    if not self.snippet_levels or not len(rows):
       return out
-    for start in range(0, len(rows), self.block_rows):
-      block = rows[start:start + self.block_rows]
-      data = self.store.read(block, self.fields)
-      pad = self.block_rows - len(block)
-      data = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in data.items()}
-      for name, value in jax.device_get(self._score_block(data, query)).items():
-        out[name][start:start + len(block)] = value[:len(block)]
+    self.store.prefetch(rows, self.files)
+    starts = range(0, len(rows), self.block_rows)
+    read = lambda start: self.store.read(rows[start:start + self.block_rows], self.files)
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+      pending = reader.submit(read, starts[0])
+      for i, start in enumerate(starts):
+        data = pending.result()
+        if i + 1 < len(starts):
+          pending = reader.submit(read, starts[i + 1])
+        count = len(data["mask"])
+        data = {k: np.pad(v, [(0, self.block_rows - count)] + [(0, 0)] * (v.ndim - 1)) for k, v in data.items()}
+        for name, value in jax.device_get(self._score_block(data, query)).items():
+          out[name][start:start + count] = value[:count]
+    for name, value in out.items():
+      if not np.isfinite(value).all():
+        row = int(rows[np.argmin(np.isfinite(value))])
+        shard = self.store.manifest["shards"][int(self.store.locate([row])[0][0])]["name"]
+        raise self.store.damaged(os.path.join(self.path, store.SHARDS, shard),
+                                 f"index row {row} gives a non-finite {name} score")
     return out
 
   def _combine(self, linear: np.ndarray, snippet: dict[str, np.ndarray]):
@@ -163,21 +197,45 @@ class Index:
   def search(self, query, top_k: int = 5, candidates: int | None = 1000, threshold: float = 0.5) -> list[dict]:
     """The top_k hits of row 0 of `query`, as `varcmp search --json` prints them (varcmp_jax.hits)."""
     rows, combined, levels = self.rank(query, top_k, candidates)
-    data = self.store.read(rows, ("frames", "weights", "prior", "times", "mask"))
+    data = self.store.read(rows, self._files(("frames", "weights", "prior", "times", "mask")))
     one = jax.tree_util.tree_map(lambda x: np.repeat(np.asarray(x)[:1], len(rows), axis=0), query)
-    video = VideoEmbeddings(frames=data["frames"].astype(np.float32), regions=None, mask=data["mask"], anomaly=None)
-    relevance = np.asarray(self._relevance(video, data["weights"], one))
+    relevance = np.asarray(self._relevance(data["frames"], data.get("frames_scale"), data["mask"], data["weights"],
+                                           one))
     metadata = self.store.metadata(rows)
     return [hits_lib.hit(rank, row, combined[i], {name: v[i] for name, v in levels.items()}, relevance[i],
                          data["prior"][i], data["mask"][i], data["times"][i], metadata[i], threshold)
             for i, (rank, row) in enumerate(zip(range(1, len(rows) + 1), rows))]
 
 
-def _block_scorer(task: str, snippet_levels: tuple[str, ...], chunk_size: int):
-  """jit: (per-snippet fields of a block of videos, query) -> {level: (block,)} for the stage-2 levels."""
+def _block_scorer(task: str, snippet_levels: tuple[str, ...], chunk_size: int, storage: str, dim: int):
+  """jit: (shard files of a block of videos, query) -> {level: (block,)} for the stage-2 levels."""
+  on_codes = ("spatial",) if task == "text" and storage != "float16" else ()
+
   @jax.jit
   def score(data, query):
-    video = VideoEmbeddings(frames=data.get("frames"), regions=data.get("regions"), mask=data["mask"], anomaly=None)
-    levels = similarity.level_similarities(video, data["weights"], query, task, chunk_size, snippet_levels)
-    return {name: value[0] for name, value in levels.items()}
+    out = {}
+    if on_codes:
+      word_mask = query.word_mask[0]
+      out["spatial"] = _text_spatial_on_codes(data["regions"], data["regions_scale"], data["mask"], data["weights"],
+                                              similarity.l2_normalize(query.words[0], word_mask), word_mask, storage)
+    decoded = {f: codec.decode(data[f], data.get(f"{f}_scale"), storage, dim) if f in data else None
+               for f in ("frames", "regions")}
+    video = VideoEmbeddings(frames=decoded["frames"], regions=decoded["regions"], mask=data["mask"], anomaly=None)
+    rest = tuple(name for name in snippet_levels if name not in on_codes)
+    if rest:
+      levels = similarity.level_similarities(video, data["weights"], query, task, chunk_size, rest)
+      out.update({name: value[0] for name, value in levels.items()})
+    return out
   return score
+
+
+def _text_spatial_on_codes(codes, scales, snippet_mask, weights, words, word_mask, storage) -> jax.Array:
+  """(g,) S_spa = sum_t w_t 1/2 [mean_l max_k cos(r_tk, w_l) + mean_k max_l cos(r_tk, w_l)] of one query's
+  normalized words (L, D), with the cosines from the int8/int4 region codes (codec.int8_cosines): the reduction
+  of similarity.text_spatial_level."""
+  cos = codec.int8_cosines(codes, scales, words, storage, "gtkd,ld->gtkl")              # (g, T, R, L)
+  num_words = jnp.sum(word_mask, dtype=jnp.float32)
+  word_term = jnp.sum(jnp.where(word_mask, jnp.max(cos, axis=2), 0.0), axis=-1) / jnp.maximum(num_words, 1.0)
+  best_word = jnp.max(jnp.where(word_mask, cos, -jnp.inf), axis=-1)                      # (g, T, R)
+  region_term = jnp.mean(jnp.where(num_words > 0, best_word, 0.0), axis=-1)
+  return jnp.sum(jnp.where(snippet_mask, weights, 0.0) * 0.5 * (word_term + region_term), axis=-1)

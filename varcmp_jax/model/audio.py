@@ -38,7 +38,7 @@ class SpectrogramTower(nn.Module):
   temporal: Any                        # config.model.temporal (frozen)
   dtype: Any = "float32"
   param_dtype: Any = "float32"
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact

@@ -163,7 +163,11 @@ class VarCMP(nn.Module):
 
   def encode_query(self, batch) -> TextEmbeddings | AudioEmbeddings:
     if self.task == "text":
-      sentence, words, word_mask = self.clip.text_tokens(jnp.asarray(_require(batch, "tokens", "text task")))
+      ids = fit_word_budget(jnp.asarray(_require(batch, "tokens", "text task")), self.model_cfg.get("max_words", 0),
+                            self.clip.config.text.eos_token_id)
+      sentence, words, word_mask = self.clip.text_tokens(ids)
+      # Words live between <BOS> (position 0) and the last position (<EOS>, or padding): L - 2 of them.
+      words, word_mask = words[:, 1:-1], word_mask[:, 1:-1]
       return TextEmbeddings(sentence=sentence.astype(jnp.float32),
                             words=jnp.where(word_mask[..., None], words.astype(jnp.float32), 0.0),
                             word_mask=word_mask)
@@ -182,6 +186,22 @@ class VarCMP(nn.Module):
 
   def __call__(self, batch):
     return self.encode_video(batch), self.encode_query(batch)
+
+
+def fit_word_budget(ids: jax.Array, max_words: int, eos_token_id: int) -> jax.Array:
+  """(B, L) token ids -> (B, max_words + 2): <BOS>, the first max_words words and <EOS> (config.model.max_words).
+
+  The text tower is causal, so a caption within the budget gets exactly the embeddings it gets from all L
+  positions, at a fraction of the cost, and the spatial level contracts over max_words words, not L - 2. A
+  longer caption ends with <EOS> in the last position, as CLIP's tokenizer truncates at 77. max_words <= 0, or
+  a budget as long as the ids: unchanged.
+  """
+  length = max_words + 2
+  if max_words <= 0 or length >= ids.shape[1]:
+    return ids
+  kept = ids[:, :length]
+  longer = clip_model.eos_index(ids, eos_token_id) >= length
+  return kept.at[:, -1].set(jnp.where(longer, eos_token_id, kept[:, -1]))
 
 
 def load_clip(params, clip_params, model_cfg=None):

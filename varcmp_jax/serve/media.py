@@ -3,8 +3,9 @@
 Keyframes come from the records the index was built from (manifest.json names each shard's records directory,
 split and position), the frame the model saw for that snippet slot. Records without frames (released features),
 or records moved or rewritten since indexing, fall back to decoding the video under --videos at the slot's
-centre, the frame prep would have kept (the last one at or before the centre). Video files are served only from inside the --videos folder:
-`VideoFolder.resolve` refuses any name that leaves it, by `..`, an absolute path or a symlink.
+centre, the frame prep would have kept (the last one at or before the centre). Only media files (video and audio
+containers, by extension) inside the --videos folder are served: `VideoFolder.resolve` refuses any name that
+leaves it, by `..`, an absolute path or a symlink, and finds nothing that is not media (a captions.csv).
 """
 import functools
 import io
@@ -19,6 +20,9 @@ from data_prep.datasets import VIDEO_SUFFIXES
 from varcmp_jax.data import pipeline, records as records_lib
 
 THUMBNAIL_SIZE = 160     # longest side of a keyframe decoded from a video, pixels
+# What /videos serves, by the extension of the file itself (a symlink's target): video and audio containers.
+MEDIA_SUFFIXES = frozenset(VIDEO_SUFFIXES) | {".ogv", ".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".oga",
+                                              ".opus"}
 
 
 class OutsideFolder(ValueError):
@@ -26,7 +30,7 @@ class OutsideFolder(ValueError):
 
 
 class VideoFolder:
-  """The --videos folder: record names and request paths -> files inside it, never outside."""
+  """The --videos folder: record names and request paths -> media files inside it, never outside."""
 
   def __init__(self, root: str):
     self.root = os.path.realpath(root)
@@ -34,7 +38,7 @@ class VideoFolder:
       raise FileNotFoundError(f"{root}: --videos is not a directory")
 
   def resolve(self, name: str) -> str | None:
-    """The file for `name` (a path relative to the folder), or None when there is none.
+    """The media file for `name` (a path relative to the folder), or None when there is none (or it is no media).
 
     OutsideFolder when `name` points outside the folder (`..`, absolute, a symlink out, a NUL byte).
     """
@@ -43,7 +47,7 @@ class VideoFolder:
     path = os.path.realpath(os.path.join(self.root, name))
     if os.path.commonpath([self.root, path]) != self.root:
       raise OutsideFolder(f"{name!r} is not a path inside the videos folder")
-    return path if os.path.isfile(path) else None
+    return path if os.path.splitext(path)[1].lower() in MEDIA_SUFFIXES and os.path.isfile(path) else None
 
   def find(self, video: str) -> str | None:
     """The file of a record's video name, looked up as prep looks it up (data_prep.datasets.resolve): the name

@@ -1,7 +1,7 @@
 """Where the train step's batches come from, and the step compiled for them.
 
   feed = feed_lib.make(trainer, config, checkpoint_item)   # prints one line: which feed and why
-  step, compiled = feed.compile(state, inputs := feed.next())   # compiled once (xla_flops(compiled, devices))
+  step, count = feed.compile(state, inputs := feed.next())   # compiled once; count: flops.Count of a step
   state, metrics = step(state, feed.next())
   checkpointer.save(n, state, feed.checkpointable)          # the Grain iterator, or the resident sampler
 
@@ -13,16 +13,9 @@ step's input is the row numbers of its batch, and one jit gathers the rows, cast
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from varcmp_jax import flops
 from varcmp_jax.data import pipeline, resident
 from varcmp_jax.train.workdir import RunError
-
-
-def xla_flops(compiled, devices: int) -> float:
-  """FLOPs of one call of a compiled SPMD step on all its devices, by XLA's cost analysis (which reports one
-  device's module, and counts a loop body once: a lower bound for chunked levels and accumulation)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", 0.0)) * devices
 
 
 class GrainFeed:
@@ -36,10 +29,10 @@ class GrainFeed:
   def next(self):
     return self.trainer.shard_batch(next(self.checkpointable))
 
-  def compile(self, state, batch):
-    """(step(state, batch), the compiled XLA program)."""
-    compiled = self.trainer.train_step.lower(state, batch).compile()
-    return compiled, compiled
+  def compile(self, state, batch) -> tuple[object, flops.Count]:
+    """(step(state, batch) compiled, its FLOPs), from one trace."""
+    traced = self.trainer.train_step.trace(state, batch)
+    return traced.lower().compile(), flops.count_jaxpr(traced.jaxpr)
 
 
 class ResidentFeed:
@@ -62,11 +55,14 @@ class ResidentFeed:
   def next(self):
     return self.split.device_rows(self.checkpointable.next())
 
-  def compile(self, state, rows):
-    """(step(state, rows), the compiled XLA program: gather, cast and train step)."""
-    compiled = self._step.lower(state, self.split.arrays, rows).compile()
+  def compile(self, state, rows) -> tuple[object, flops.Count]:
+    """(step(state, rows) compiled: gather, cast and train step; its FLOPs), from one trace."""
     arrays = self.split.arrays
-    return (lambda state, rows: compiled(state, arrays, rows)), compiled
+    traced = self._step.trace(state, arrays, rows)
+    compiled, count = traced.lower().compile(), flops.count_jaxpr(traced.jaxpr)
+    for array in jax.tree_util.tree_leaves(arrays):   # a step reads its batch's rows, not the whole split
+      count.io_bytes -= array.nbytes - array.nbytes // array.shape[0] * rows.shape[0]
+    return (lambda state, rows: compiled(state, arrays, rows)), count
 
 
 def make(trainer, config, checkpoint_item: str | None = None):

@@ -4,9 +4,9 @@ On resume from step s, lines after s (logged after the last checkpoint of a kill
 files read like one uninterrupted run, and TensorBoard purges the same steps. A torn last line (the run died
 mid-write) is dropped with a note; any other unreadable line is an error naming the file and line.
 
-Throughput (`Throughput`) rides along with the logged steps: step time, input wait per step, samples/s and
-achieved TFLOP/s (XLA's FLOP count of the compiled step, a lower bound where loops run: see feed.xla_flops),
-averaged over the steps since the previous log line.
+Throughput (`Throughput`) rides along with the logged steps: step time, input wait per step, samples/s,
+achieved model TFLOP/s (varcmp_jax.flops: the step's matmul FLOPs without rematerialization) and, where the
+device's datasheet peak is known, MFU; averaged over the steps since the previous log line.
 
 TensorBoard events are written synchronously, in the caller's thread: tensorboardX's SummaryWriter writes
 from a background thread, and when that thread dies (a full disk) the next `add_scalar` blocks forever on
@@ -129,8 +129,9 @@ class Throughput:
   `paused()`; `report` is called after the metrics were fetched from the devices, so the steps are done.
   """
 
-  def __init__(self, batch_size: int, flops_per_step: float):
-    self.batch_size, self.flops = batch_size, flops_per_step
+  def __init__(self, batch_size: int, flops_per_step: float, peak=None, devices: int = 1):
+    """flops_per_step: model FLOPs of a step, all devices; peak: a varcmp_jax.flops.Peak of one device, or None."""
+    self.batch_size, self.flops, self.peak, self.devices = batch_size, flops_per_step, peak, devices
     self.restart()
 
   def restart(self):
@@ -160,5 +161,7 @@ class Throughput:
     step_time = max(time.perf_counter() - self._start - self._paused, 1e-9) / steps
     figures = {"step_time_s": step_time, "input_wait_s": self._wait / steps,
                "samples_per_s": self.batch_size / step_time, "tflops_per_s": self.flops / step_time / 1e12}
+    if self.peak is not None:
+      figures["mfu"] = self.flops / step_time / (self.peak.flops * self.devices)
     self.restart()
     return figures

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from varcmp_jax import config as config_lib
+from varcmp_jax import flops
 from varcmp_jax.alignment import losses
 from varcmp_jax.data import pipeline
 from varcmp_jax.model import varcmp
@@ -69,7 +70,7 @@ class Trainer:
     self._example = example_batch(config, micro)
     abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
     self.tx = optimizer_lib.make_optimizer(config.train, abstract_params)
-    self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
+    self.abstract_state = jax.eval_shape(lambda p: self._init_state(None, p), abstract_params)   # one model trace
     self.state_shardings = sharding_lib.tree_shardings(self.abstract_state, mesh)
     self.batch_sharding = sharding_lib.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
@@ -126,7 +127,8 @@ class Trainer:
       return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
     micro = jax.tree_util.tree_map(split, batch)
-    embeddings = jax.lax.map(lambda mb: self._encode(params, mb), micro)
+    with jax.named_scope(flops.RECOMPUTED):   # the towers' forward, run again under jax.vjp below
+      embeddings = jax.lax.map(lambda mb: self._encode(params, mb), micro)
     embeddings = jax.tree_util.tree_map(merge, embeddings)
     scales, scales_vjp = jax.vjp(self._scales, params)
     (loss, terms), (d_embeddings, d_scales) = jax.value_and_grad(

@@ -13,14 +13,19 @@ config in WORKDIR/config.json (up to cadence, worker and memory settings), the n
 SIGTERM and SIGINT save and exit 0, and a full disk stops the run with one line and its checkpoints intact.
 """
 import contextlib
+import copy
 import os
+import time
 
 import jax
 import ml_collections
 import tqdm
 from jax.experimental import multihost_utils
 
+from varcmp_jax import compilation_cache
 from varcmp_jax import evaluate
+from varcmp_jax import flops
+from varcmp_jax.data import pipeline, records_check
 from varcmp_jax.train import checkpoint as checkpoint_lib
 from varcmp_jax.train import feed as feed_lib
 from varcmp_jax.train import step as step_lib
@@ -60,11 +65,18 @@ def restore_or_init(trainer: step_lib.Trainer, checkpointer, config, data=None):
 
 
 def _compile(feed, state, inputs, bar, meter: Throughput):
-  """The first step's compilation, shown on the bar and kept out of the step times."""
+  """The first step's compilation, shown on the bar and kept out of the step times; its FLOPs, for the log."""
   bar.set_description("compiling")
   bar.refresh()
-  run_step, compiled = feed.compile(state, inputs)
-  meter.flops = feed_lib.xla_flops(compiled, feed.trainer.mesh.size)
+  start = time.perf_counter()
+  run_step, count = feed.compile(state, inputs)
+  meter.flops, meter.peak = count.model, flops.device_peak()
+  if jax.process_index() == 0:
+    peak = (f"; MFU against {meter.peak.flops / 1e12:.0f} TFLOP/s x {jax.device_count()} devices" if meter.peak
+            else "; no MFU (no datasheet peak for this device)")
+    tqdm.tqdm.write(f"step compiled in {time.perf_counter() - start:.1f} s: {count.model / 1e12:.4g} TFLOP model, "
+                    f"{count.executed / 1e12:.4g} executed, {100 * count.bf16_share:.0f}% of them on bf16 "
+                    f"operands{peak}")
   bar.set_description("train")
   meter.restart()
   return run_step
@@ -78,7 +90,7 @@ def train_steps(trainer, state, start: int, feed, checkpointer, log: MetricsLog,
   last_saved = done = start
   bar = tqdm.trange(start, t.num_steps, initial=start, total=t.num_steps, desc="train",
                     disable=jax.process_index() != 0)
-  meter, run_step = Throughput(t.batch_size, 0.0), None
+  meter, run_step = Throughput(t.batch_size, 0.0, devices=jax.device_count()), None
   for step in bar:
     with meter.waiting():
       inputs = feed.next()
@@ -150,6 +162,23 @@ def _close(log, checkpointer, quietly: bool = False):
         closing.close()
 
 
+def with_word_budget(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config with model.max_words resolved from the records (0: their longest caption), the budget and any
+  captions longer than it said in one line each. The resolved number is what WORKDIR/config.json keeps."""
+  if config.task != "text":
+    return config
+  splits = (config.data.train_split, config.data.eval_split)
+  budget, notes = records_check.word_budget(config, pipeline.read_manifest(config.data.records), splits)
+  if jax.process_index() == 0:
+    how = "the longest caption of the records" if not config.model.get("max_words", 0) else "model.max_words"
+    print(f"caption words: the text tower reads <BOS> + {budget} words + <EOS> ({how})", flush=True)
+    for note in notes:
+      print(f"note: {note}", flush=True)
+  config = copy.deepcopy(config)
+  config.model.max_words = budget
+  return config
+
+
 def train(config: ml_collections.ConfigDict, workdir: str):
   """Trains to config.train.num_steps (resuming from workdir's checkpoints); returns the final state.
 
@@ -158,11 +187,13 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   does not fit the devices.
   """
   workdir = os.path.abspath(workdir)
+  compilation_cache.enable(config.get("compilation_cache", True))
   holding = workdir_lib.writer(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with holding:        # first: a second writer fails at once, before anything is built
     evaluate.check_records(config, config.data.train_split)
     if config.train.eval_every:
       evaluate.check_records(config, config.data.eval_split)
+    config = with_word_budget(config)
     if checkpoint_lib.complete_steps(workdir):
       workdir_lib.check_same_config(workdir, config)
     return _run(step_lib.build(config), config, workdir)

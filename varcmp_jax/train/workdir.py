@@ -29,7 +29,7 @@ RESUME_MAY_CHANGE = (
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
     "data.worker_count", "data.prefetch", "data.resident", "data.resident_max_gib",
     "eval.batch_size", "eval.chunk_size", "loss.chunk_size", "model.remat", "model.attention_impl",
-    "mesh.data", "mesh.fsdp",
+    "mesh.data", "mesh.fsdp", "compilation_cache",
 )
 
 OUT_OF_SPACE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
@@ -175,7 +175,7 @@ def config_differences(saved: dict, wanted: dict, may_change=RESUME_MAY_CHANGE) 
 
 
 # Fields that may differ between a run and an evaluation of it: speed, memory and precision of the forward pass.
-EVAL_MAY_CHANGE = ("model.remat", "model.attention_impl", "model.dtype", "model.clip_checkpoint")
+EVAL_MAY_CHANGE = ("model.remat", "model.attention_impl", "model.dtype", "model.clip_checkpoint", "compilation_cache")
 
 
 def model_differences(saved: dict, wanted: dict) -> list[str]:

@@ -5,6 +5,10 @@
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 const STRIP_FRAMES = 8;
+// The relevance chart's horizontal geometry (SVG viewBox units). The keyframe strip under it spans the same width,
+// so a time has the same x in both: chartX(t) / CHART.width of the shared width.
+const CHART = { width: 640, left: 4, right: 4 };
+const chartX = (t, duration) => CHART.left + (t / duration) * (CHART.width - CHART.left - CHART.right);
 let info = null;
 
 function el(tag, props = {}, children = []) {
@@ -78,9 +82,10 @@ function niceStep(duration) {
 function curves(hit, maxRel) {
   // Relevance as bars over each snippet's interval (one scale for all hits: maxRel), the prior as a line
   // (0..1), key segments shaded.
-  const width = 640, height = 112, top = 6, plotHeight = 86, left = 4, right = 4;
+  const { width, left, right } = CHART;
+  const height = 112, top = 6, plotHeight = 86;
   const duration = Math.max(hit.duration, 1e-6);
-  const x = (t) => left + (t / duration) * (width - left - right);
+  const x = (t) => chartX(t, duration);
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "curves", role: "img",
                             "aria-label": `relevance and prior of ${hit.video} over time` });
   for (const segment of hit.segments) {
@@ -123,15 +128,22 @@ function curves(hit, maxRel) {
 }
 
 function strip(hit) {
+  // One thumbnail per run of consecutive snippets, the runs in time order: it spans the run's times on the chart's
+  // scale (as a share of the width both have) and shows the keyframe of the run's middle snippet.
+  const duration = Math.max(hit.duration, 1e-6);
+  const share = (t) => (100 * chartX(t, duration)) / CHART.width;
   const n = hit.snippet_times.length;
   const count = Math.min(STRIP_FRAMES, n);
   const row = el("div", { className: "strip" });
   for (let j = 0; j < count; j++) {
-    const slot = Math.floor((j + 0.5) * n / count);
-    const start = hit.snippet_times[slot][0];
-    const figure = el("figure", { title: `snippet ${slot}, from ${sec(start)} s` }, [
+    const first = Math.floor((j * n) / count), last = Math.floor(((j + 1) * n) / count) - 1;
+    const slot = Math.floor((first + last) / 2);
+    const start = hit.snippet_times[first][0], end = hit.snippet_times[last][1];
+    const figure = el("figure", { title: `${sec(start)}–${sec(end)} s (keyframe of snippet ${slot})` }, [
       el("img", { src: keyframeUrl(hit, slot), alt: `${hit.video} at ${sec(start)} s`, loading: "lazy" }),
       el("figcaption", { textContent: `${sec(start)} s` })]);
+    figure.style.left = `${share(start)}%`;
+    figure.style.width = `${share(end) - share(start)}%`;
     figure.addEventListener("click", () => play(hit, start));
     row.append(figure);
   }
@@ -152,7 +164,7 @@ function hitCard(hit, maxRel) {
   }
   const segments = el("div", { className: "segments" }, ["key segments: "]);
   if (!hit.segments.length) segments.append(el("span", { className: "none", textContent: "none (flat relevance)" }));
-  for (const segment of hit.segments) {
+  for (const segment of [...hit.segments].sort((a, b) => a.start - b.start)) {   // in time order
     const button = el("button", { type: "button", textContent: `▶ ${sec(segment.start)}–${sec(segment.end)} s`,
                                   title: info.player ? "play from here" : "start the server with --videos to play" });
     button.addEventListener("click", () => { play(hit, segment.start); thumb.src = keyframeUrl(hit, segment.peak_snippet); });
@@ -218,7 +230,7 @@ async function search(event) {
 async function start() {
   const response = await fetch("/api/info");
   info = await response.json();
-  const sources = info.sources.map((s) => `${s.split} split of ${s.records.split("/").slice(-2).join("/")}`).join(", ");
+  const sources = info.sources.map((s) => `${s.split} split of ${s.records}`).join(", ");
   $("info").textContent = `${info.videos} videos (${sources}) · ${info.task} model, step ${info.run.step}` +
                           (info.player ? " · videos playable" : "");
   if (info.task === "audio") {
