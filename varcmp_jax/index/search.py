@@ -6,11 +6,11 @@
 
 Stage 1 scores every video exactly on the levels linear in the video (index.levels): one dot product per
 pooled row, streamed from pooled.npy in memory-mapped windows of `chunk_bytes`, keeping the K best by their
-combined linear score. Stage 2 reads the per-snippet tensors of those K candidates block by block (the next
-block is read while one is scored), computes the other levels and ranks the candidates by the combined score
-S = sum_g lambda_g S_g. Memory: one window, two blocks and K scores; never O(G). When every stage-2 level has
-lambda = 0, stage 1 is the exact ranking and stage 2 runs for the top_k only. `candidates=None` computes every
-level of every video, window by window: the exhaustive reference.
+combined linear score. Stage 2 reads the per-snippet tensors of those K candidates block by block (a few
+threads read the next READ_AHEAD blocks while one is scored), computes the other levels and ranks the candidates
+by the combined score S = sum_g lambda_g S_g. Memory: one window, READ_AHEAD + 1 blocks and K scores; never
+O(G). When every stage-2 level has lambda = 0, stage 1 is the exact ranking and stage 2 runs for the top_k only.
+`candidates=None` computes every level of every video, window by window: the exhaustive reference.
 
 Stage 2 on float16 vectors runs the functions `varcmp eval` uses (alignment.similarity) on them. On int8/int4
 codes (index.codec) the text spatial level contracts the codes with an int8 copy of the query's words (int32
@@ -34,6 +34,7 @@ from varcmp_jax.index import store
 
 DEFAULT_CHUNK_BYTES = 32 << 20
 MAX_BLOCK = 512
+READERS, READ_AHEAD = 4, 8
 
 
 class TopK:
@@ -140,22 +141,24 @@ class Index:
       yield np.arange(start, start + len(window), dtype=np.int64), linear
 
   def _stage2(self, rows: np.ndarray, query) -> dict[str, np.ndarray]:
-    """{level: (len(rows),)} of the stage-2 levels, block by block (blocks padded to one shape: one compile);
-    each block's files are read while the one before is scored."""
+    """{level: (len(rows),)} of the stage-2 levels, block by block (blocks padded to one shape: one compile).
+    READ_AHEAD blocks are read by a few threads while one is scored: a cold candidate costs a random read of
+    its row, and a disk serves several at once faster than one after another."""
     out = {name: np.zeros(len(rows), np.float32) for name in self.snippet_levels}
     if not self.snippet_levels or not len(rows):
       return out
-    self.store.prefetch(rows, self.files)
-    starts = range(0, len(rows), self.block_rows)
-    read = lambda start: self.store.read(rows[start:start + self.block_rows], self.files)
-    with concurrent.futures.ThreadPoolExecutor(1) as reader:
-      pending = reader.submit(read, starts[0])
-      for i, start in enumerate(starts):
-        data = pending.result()
-        if i + 1 < len(starts):
-          pending = reader.submit(read, starts[i + 1])
-        count = len(data["mask"])
-        data = {k: np.pad(v, [(0, self.block_rows - count)] + [(0, 0)] * (v.ndim - 1)) for k, v in data.items()}
+    blocks = [rows[start:start + self.block_rows] for start in range(0, len(rows), self.block_rows)]
+    with concurrent.futures.ThreadPoolExecutor(READERS) as readers:
+      pending = [readers.submit(self.store.read, block, self.files) for block in blocks[:READ_AHEAD]]
+      for i, block in enumerate(blocks):
+        data = pending[i].result()
+        pending[i] = None                  # memory: READ_AHEAD blocks
+        if i + READ_AHEAD < len(blocks):
+          pending.append(readers.submit(self.store.read, blocks[i + READ_AHEAD], self.files))
+        count = len(block)
+        if count < self.block_rows:
+          data = {k: np.pad(v, [(0, self.block_rows - count)] + [(0, 0)] * (v.ndim - 1)) for k, v in data.items()}
+        start = i * self.block_rows
         for name, value in jax.device_get(self._score_block(data, query)).items():
           out[name][start:start + count] = value[:count]
     for name, value in out.items():

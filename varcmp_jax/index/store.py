@@ -109,6 +109,14 @@ def videos_per_shard(layout: dict, shard_bytes: int) -> int:
 # --- .npy headers and small files -------------------------------------------------------------------------
 
 
+def _aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
+  """np.empty on a 64-byte boundary: JAX on a CPU then uses the array in place instead of copying it."""
+  size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(size + alignment, np.uint8)
+  start = -raw.ctypes.data % alignment
+  return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def _npy_header(dtype, shape) -> bytes:
   buffer = io.BytesIO()
   np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
@@ -631,7 +639,7 @@ class IndexReader:
     rows = np.asarray(rows, np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= self.videos):
       raise StoreError(f"{self.path}: rows outside [0, {self.videos})")
-    out = {name: np.empty((len(rows), *self.row_shape(name)), self.files[name][0]) for name in names}
+    out = {name: _aligned_empty((len(rows), *self.row_shape(name)), self.files[name][0]) for name in names}
     order = np.argsort(rows, kind="stable")
     shard_of, local_of = self.locate(rows[order])
     for shard in np.unique(shard_of):
@@ -651,24 +659,6 @@ class IndexReader:
         finally:
           os.close(fd)
     return out
-
-  def prefetch(self, rows, names):
-    """Asks the kernel to start reading the rows `rows` of the files `names` (posix_fadvise WILLNEED), so that
-    the reads of a whole candidate set proceed in parallel with the scoring instead of one pread at a time."""
-    rows = np.unique(np.asarray(rows, np.int64))
-    shard_of, local_of = self.locate(rows)
-    for shard in np.unique(shard_of):
-      local = local_of[shard_of == shard]
-      runs = np.split(local, np.flatnonzero(np.diff(local) != 1) + 1)
-      for name in names:
-        path = os.path.join(self.path, SHARDS, self._names[shard], f"{name}.npy")
-        row_bytes, offset = _row_bytes(*self.files[name]), self._data_offset(shard, name, path)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-          for run in runs:
-            os.posix_fadvise(fd, offset + int(run[0]) * row_bytes, len(run) * row_bytes, os.POSIX_FADV_WILLNEED)
-        finally:
-          os.close(fd)
 
   def _data_offset(self, shard: int, name: str, path: str) -> int:
     key = (shard, name)
