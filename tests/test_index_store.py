@@ -22,25 +22,32 @@ from varcmp_jax.index import codec, store
 from varcmp_jax.index import search as index_search
 
 
-def numpy_codes(codes: np.ndarray, storage: str, dim: int) -> np.ndarray:
-  """The integer codes of stored vectors, from the format: int4 byte j = dimension j (low nibble) and
-  j + ceil(D/2) (high nibble), both 4-bit two's complement."""
+def unpack_planes(plane: np.ndarray, signed: bool) -> np.ndarray:
+  """The 2-bit values of an int4 plane, from the format: byte j holds dimensions j, j + q, j + 2q, j + 3q in its
+  bits 0-1, 2-3, 4-5, 6-7 (the high plane two's complement)."""
+  values = [(plane.astype(np.int16) >> (2 * i)) & 3 for i in range(4)]
+  return np.concatenate([(v ^ 2) - 2 if signed else v for v in values], -1)
+
+
+def numpy_codes(stored: dict, storage: str, dim: int) -> np.ndarray:
+  """The integer codes of stored vectors: int8's as they are, int4's c = 4 h + l from its two planes."""
   if storage == "int8":
-    return codes.astype(np.int16)
-  nibbles = codes.astype(np.int16)
-  low, high = ((nibbles & 15) ^ 8) - 8, ((nibbles >> 4) ^ 8) - 8
-  return np.concatenate([low, high], -1)[..., :dim]
+    return stored[""].astype(np.int16)
+  return (4 * unpack_planes(stored[""], True) + unpack_planes(stored["_low"], False))[..., :dim]
 
 
 def read_decoded(path: str, name: str, storage: str, dim: int) -> np.ndarray:
   """Every video's stored `name` vectors, decoded by NumPy, shards concatenated."""
   folder = os.path.join(path, store.SHARDS)
   shards = sorted(os.listdir(folder))
-  codes = np.concatenate([np.load(os.path.join(folder, s, f"{name}.npy")) for s in shards])
+  load = lambda suffix: np.concatenate([np.load(os.path.join(folder, s, f"{name}{suffix}.npy")) for s in shards])
   if storage == "float16":
-    return codes.astype(np.float32)
-  scales = np.concatenate([np.load(os.path.join(folder, s, f"{name}_scale.npy")) for s in shards])
-  return numpy_codes(codes, storage, dim) * scales.astype(np.float32)[..., None]
+    return load("").astype(np.float32)
+  if storage == "coarse":         # int4's high plane alone: 4 h + 3/2
+    codes = 4 * unpack_planes(load(""), True)[..., :dim] + 1.5
+    return codes * load("_scale").astype(np.float32)[..., None]
+  stored = {suffix: load(suffix) for suffix in ("", "_low", "_scale") if suffix != "_low" or storage == "int4"}
+  return numpy_codes(stored, storage, dim) * stored["_scale"].astype(np.float32)[..., None]
 
 
 @pytest.mark.parametrize("storage,levels", [("int8", 127), ("int4", 7)])
@@ -49,9 +56,12 @@ def test_codes_are_the_nearest_grid_points_and_decode_to_unit_vectors(storage, l
   x = (rng.standard_normal((50, 7)) * rng.uniform(0.1, 10, (50, 1))).astype(np.float32)    # odd width: int4 pads
   x[3] = 0.0
   x[4, 2] = 40.0                                                                        # one outlying coordinate
-  codes, scales = jax.device_get(codec.encode(jnp.asarray(x), storage))
-  assert codes.shape == (50, codec.width(storage, 7)) and scales.dtype == np.float16
-  ints = numpy_codes(codes, storage, 7)
+  stored = jax.device_get(codec.encode(jnp.asarray(x), storage))
+  scales = stored["_scale"]
+  assert {k: (v.shape, v.dtype) for k, v in stored.items()} == {
+      suffix: ((50,) if width is None else (50, width), dtype) for suffix, (dtype, width) in codec.arrays(storage, 7).items()}
+  assert scales.dtype == np.float16 and stored[""].shape[-1] == {"int8": 7, "int4": 2}[storage]
+  ints = numpy_codes(stored, storage, 7)
   peak = np.abs(x).max(-1, keepdims=True)
   target = x * levels / np.where(peak > 0, peak, 1.0)
   assert np.abs(ints - target).max() <= 0.5 + 1e-4 and np.abs(ints).max() <= levels     # the nearest grid point
@@ -59,15 +69,21 @@ def test_codes_are_the_nearest_grid_points_and_decode_to_unit_vectors(storage, l
   norms = np.linalg.norm(decoded, axis=-1)
   np.testing.assert_allclose(np.delete(norms, 3), 1.0, atol=1e-3)       # unit vectors, up to the float16 scale
   assert norms[3] == 0 and scales[3] == 0
-  np.testing.assert_allclose(jax.device_get(codec.decode(codes, scales, storage, 7)), decoded, atol=1e-6)
+  np.testing.assert_allclose(jax.device_get(codec.decode(stored, storage, 7)), decoded, atol=1e-6)
   # Cosines on the codes with an int8 query: off by at most the query's rounding, |e| <= sqrt(D) max|q| / 254.
   queries = rng.standard_normal((5, 7)).astype(np.float32)
   queries /= np.linalg.norm(queries, axis=-1, keepdims=True)
-  cosines = jax.device_get(codec.int8_cosines(codes, scales, jnp.asarray(queries), storage, "nd,ld->nl"))
+  cosines = jax.device_get(codec.int8_cosines(stored, jnp.asarray(queries), storage, "nd,ld->nl"))
   np.testing.assert_allclose(cosines, decoded @ queries.T, atol=np.sqrt(7) / 254 + 1e-3)
+  if storage == "int4":     # without the low plane: the coarse vectors (4 floor(c / 4) + 3/2) s
+    high = {k: v for k, v in stored.items() if k != "_low"}
+    coarse = (4 * np.floor(ints / 4) + 1.5) * scales.astype(np.float32)[:, None]
+    np.testing.assert_allclose(jax.device_get(codec.decode(high, storage, 7)), coarse, atol=1e-6)
+    np.testing.assert_allclose(jax.device_get(codec.int8_cosines(high, jnp.asarray(queries), storage, "nd,ld->nl")),
+                               coarse @ queries.T, atol=1.5 * np.sqrt(7) / 254 + 1e-3)
   # A non-finite vector gets a NaN scale (which the writer refuses); the others are untouched.
   x[5, 1], x[6, 0] = np.nan, np.inf
-  _, scales_after = jax.device_get(codec.encode(jnp.asarray(x), storage))
+  scales_after = jax.device_get(codec.encode(jnp.asarray(x), storage))["_scale"]
   assert np.isnan(scales_after[5:7]).all()
   np.testing.assert_array_equal(np.delete(scales_after, [5, 6]), np.delete(scales, [5, 6]))
 
@@ -100,11 +116,11 @@ def test_a_quantized_index_scores_its_decoded_vectors(tmp_path, task, storage):
 
 def test_shards_are_sized_in_bytes():
   layout = store.layout_of(snippets=6, dim=16, pooled=2, regions=3, storage="int4")
-  # One video: pooled float32 rows, int4 frames (8 bytes) and regions with float16 scales, weights, prior,
-  # times, mask, its metadata offset and line.
+  # One video: pooled float32 rows, int4 frames (two 4-byte planes) and regions with float16 scales, weights,
+  # prior, times, mask, its metadata offset and line.
   expected = 2 * 16 * 4 + 6 * (8 + 2) + 6 * 3 * (8 + 2) + 6 * 4 * 2 + 6 * 2 * 4 + 6 + 8 + store.METADATA_BYTES
   assert store.video_bytes(layout) == expected
-  headers = 9 * 128           # a shard's 8 .npy files and metadata_offsets.npy, 128-byte headers here
+  headers = 11 * 128          # a shard's 10 .npy files and metadata_offsets.npy, 128-byte headers here
   assert store.videos_per_shard(layout, headers + 11 * expected - 1) == 10
   assert store.videos_per_shard(layout, headers + 11 * expected) == 11 and store.videos_per_shard(layout, 5) == 1
   float16 = store.layout_of(snippets=6, dim=16, pooled=2, regions=0, storage="float16")
@@ -178,7 +194,7 @@ def test_stage2_scores_exactly_the_K_best_linear_videos_and_the_Kth_can_come_fir
   index = index_search.Index(write_synthetic(tmp_path / "index", "text", videos, 10, weights, storage))
   scored = []
   stage2 = index._stage2                                                           # pylint: disable=protected-access
-  monkeypatch.setattr(index, "_stage2", lambda rows, q: scored.append(np.array(rows)) or stage2(rows, q))
+  monkeypatch.setattr(index, "_stage2", lambda rows, q, *files: scored.append(np.array(rows)) or stage2(rows, q, *files))
   rows, _, _ = index.rank(query, top_k=3, candidates=k)
   assert rows[0] == kth
   assert len(scored) == 1 and sorted(scored[0]) == sorted(order[:k])           # K videos, each once
@@ -187,6 +203,32 @@ def test_stage2_scores_exactly_the_K_best_linear_videos_and_the_Kth_can_come_fir
   assert kth not in rows and sorted(scored[0]) == sorted(order[:k - 1])
   assert index.rank(query, top_k=1, candidates=None)[0][0] == kth               # the exhaustive search finds it
 
+@pytest.mark.parametrize("task", ["text", "audio"])
+def test_int4_ranks_the_candidates_on_the_high_plane_and_reads_the_low_plane_of_the_best_only(tmp_path, monkeypatch,
+                                                                                               task):
+  rng = np.random.default_rng(8)
+  g, refine = 60, 25
+  videos = random_videos(rng, g, t=5, d=32, r=3)
+  path = write_synthetic(tmp_path / "index", task, videos, 16, storage="int4")
+  index = index_search.Index(path)
+  query = random_query(rng, task, 5, 32)
+  exhaustive_rows, exhaustive, _ = index.rank(query, top_k=g, candidates=None)        # every video, exact int4
+  reads = []
+  read = index.store.read
+  monkeypatch.setattr(index.store, "read", lambda rows, names: reads.append((len(rows), set(names))) or read(rows, names))
+  monkeypatch.setattr(index_search, "REFINE", refine)
+  rows, combined, levels = index.rank(query, top_k=5, candidates=g)
+  coarse_reads = [n for n, names in reads if not any(name.endswith("_low") for name in names)]
+  exact_reads = [(n, names) for n, names in reads if any(name.endswith("_low") for name in names)]
+  assert sum(coarse_reads) == g and sum(n for n, _ in exact_reads) == refine     # the low planes of `refine` videos
+  assert all({f"{f}_low" for f in ("frames", "regions") if f in names} <= names for _, names in exact_reads)
+  # The best are scored on their exact codes: the exhaustive search's top 5 and its scores.
+  np.testing.assert_array_equal(rows, exhaustive_rows[:5])
+  np.testing.assert_allclose(combined, exhaustive[:5], atol=1e-5)
+  # The planes decoded by NumPy: the high plane alone ranks (and scores) differently from both planes.
+  high = {**videos, **{f: read_decoded(path, f, "coarse", 32) for f in ("frames", "regions")}}
+  coarse = reference_scores(task, high, query)["combined"]
+  assert not np.allclose(coarse[exhaustive_rows], exhaustive, atol=1e-3)
 
 
 def test_rows_are_read_in_any_order_into_arrays_jax_can_use_in_place(tmp_path):

@@ -40,8 +40,8 @@ def snippet_weights(video: VideoEmbeddings, config) -> tuple[jax.Array, jax.Arra
 
 def index_arrays(video: VideoEmbeddings, prior: jax.Array, weights: jax.Array, task: str, storage: str) -> dict:
   """What an index stores of a batch of videos: pooled (B, P, D) float32 and the shard files of store.files but
-  times: normalized f_t and regions (absent without region tokens) encoded as `storage` (codec.encode, with
-  their _scale arrays when quantized), w_t, prior, mask."""
+  times: normalized f_t and regions (absent without region tokens) encoded as `storage` (codec.encode: the
+  codes under the field's name, their other arrays under its name plus a suffix), w_t, prior, mask."""
   mask = video.mask
   frames = similarity.l2_normalize(video.frames, mask)
   pooled = [similarity.l2_normalize(similarity.masked_mean(video.frames, mask))]
@@ -53,9 +53,7 @@ def index_arrays(video: VideoEmbeddings, prior: jax.Array, weights: jax.Array, t
   if video.regions is not None:
     vectors["regions"] = similarity.l2_normalize(video.regions, mask[..., None])
   for name, value in vectors.items():
-    out[name], scales = codec.encode(value, storage)
-    if scales is not None:
-      out[f"{name}_scale"] = scales
+    out.update({name + suffix: array for suffix, array in codec.encode(value, storage).items()})
   return out
 
 

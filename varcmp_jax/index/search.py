@@ -8,8 +8,10 @@ Stage 1 scores every video exactly on the levels linear in the video (index.leve
 pooled row, streamed from pooled.npy in memory-mapped windows of `chunk_bytes`, keeping the K best by their
 combined linear score. Stage 2 reads the per-snippet tensors of those K candidates block by block (a few
 threads read the next READ_AHEAD blocks while one is scored), computes the other levels and ranks the candidates
-by the combined score S = sum_g lambda_g S_g. Memory: one window, READ_AHEAD + 1 blocks and K scores; never
-O(G). When every stage-2 level has lambda = 0, stage 1 is the exact ranking and stage 2 runs for the top_k only.
+by the combined score S = sum_g lambda_g S_g. An int4 index (index.codec) does this in two passes: the K
+candidates on the high plane of their codes (half the bytes read), then the REFINE best of them again on both
+planes, so the scores returned are the exact int4 ones. Memory: one window, READ_AHEAD + 1 blocks and K scores;
+never O(G). When every stage-2 level has lambda = 0, stage 1 is the exact ranking and stage 2 runs for the top_k only.
 `candidates=None` computes every level of every video, window by window: the exhaustive reference.
 
 Stage 2 on float16 vectors runs the functions `varcmp eval` uses (alignment.similarity) on them. On int8/int4
@@ -35,6 +37,8 @@ from varcmp_jax.index import store
 DEFAULT_CHUNK_BYTES = 32 << 20
 MAX_BLOCK = 512
 READERS, READ_AHEAD = 4, 8
+REFINE = 100       # int4: the candidates scored again on their exact codes after the coarse pass
+VECTOR_FIELDS = ("frames", "regions")
 
 
 class TopK:
@@ -77,6 +81,7 @@ class Index:
     self.level_order = tuple(name for name in config_lib.TASK_LEVELS[self.task] if name in known)
     self.storage = self.store.storage
     self.files = self._files({f for name in self.snippet_levels for f in levels_lib.SNIPPET_LEVEL_FIELDS[name]})
+    self.coarse_files = tuple(f for f in self.files if not f.endswith(codec.LOW))
     config = manifest.get("config") or {}
     chunk_size = int(config.get("eval", {}).get("chunk_size", 64))
     self.window_rows = max(1, chunk_bytes // (4 * layout["pooled"] * layout["dim"]))
@@ -86,8 +91,8 @@ class Index:
     self.block_rows = int(2 ** np.floor(np.log2(np.clip(chunk_bytes // per_video, 1, MAX_BLOCK))))
     d = layout["dim"]
     self._score_block = _block_scorer(self.task, self.snippet_levels, chunk_size, self.storage, d)
-    self._relevance = jax.jit(lambda frames, scales, mask, weights, query: similarity.snippet_relevance(
-        VideoEmbeddings(frames=codec.decode(frames, scales, self.storage, d), regions=None, mask=mask, anomaly=None),
+    self._relevance = jax.jit(lambda frames, mask, weights, query: similarity.snippet_relevance(
+        VideoEmbeddings(frames=codec.decode(frames, self.storage, d), regions=None, mask=mask, anomaly=None),
         weights, query))
 
   def __len__(self) -> int:
@@ -119,6 +124,11 @@ class Index:
       stage1.add(rows, linear @ self._linear_weights(), {"linear": linear})
     rows = np.sort(stage1.rows)            # stage 2 reads the shards in order
     linear = stage1.levels["linear"][np.argsort(stage1.rows)]
+    refine = max(top_k, REFINE)
+    if len(rows) > refine and self.coarse_files != self.files:
+      coarse, _ = self._combine(linear, self._stage2(rows, query, self.coarse_files))
+      keep = np.sort(np.argpartition(-coarse, refine - 1)[:refine])
+      rows, linear = rows[keep], linear[keep]
     best = TopK(top_k)
     best.add(rows, *self._combine(linear, self._stage2(rows, query)))
     return best.ranked()
@@ -127,9 +137,9 @@ class Index:
     return np.array([self.lambdas.get(name, 0.0) for name in self.pooled_levels], np.float32)
 
   def _files(self, fields) -> tuple[str, ...]:
-    """The shard files behind `fields`: a quantized vector field brings its scales."""
-    scaled = self.storage != "float16"
-    return tuple(sorted({*fields, *(f"{f}_scale" for f in fields if scaled and f in ("frames", "regions"))}))
+    """The shard files behind `fields`: a vector field's arrays (codec.arrays)."""
+    arrays = codec.arrays(self.storage, self.store.layout["dim"])
+    return tuple(sorted({f + suffix for f in fields for suffix in (arrays if f in VECTOR_FIELDS else ("",))}))
 
   def _stage1_windows(self, vectors: np.ndarray):
     """(rows, (n, P) linear level scores) per window of pooled.npy."""
@@ -140,21 +150,23 @@ class Index:
         raise self.store.damaged(self.store.pooled_path, f"row {row} holds non-finite values (NaN or inf)")
       yield np.arange(start, start + len(window), dtype=np.int64), linear
 
-  def _stage2(self, rows: np.ndarray, query) -> dict[str, np.ndarray]:
+  def _stage2(self, rows: np.ndarray, query, files: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """{level: (len(rows),)} of the stage-2 levels, block by block (blocks padded to one shape: one compile).
     READ_AHEAD blocks are read by a few threads while one is scored: a cold candidate costs a random read of
-    its row, and a disk serves several at once faster than one after another."""
+    its row, and a disk serves several at once faster than one after another. files: the shard files to score
+    from (default: all of them; coarse_files: int4's high planes)."""
+    files = files or self.files
     out = {name: np.zeros(len(rows), np.float32) for name in self.snippet_levels}
     if not self.snippet_levels or not len(rows):
       return out
     blocks = [rows[start:start + self.block_rows] for start in range(0, len(rows), self.block_rows)]
     with concurrent.futures.ThreadPoolExecutor(READERS) as readers:
-      pending = [readers.submit(self.store.read, block, self.files) for block in blocks[:READ_AHEAD]]
+      pending = [readers.submit(self.store.read, block, files) for block in blocks[:READ_AHEAD]]
       for i, block in enumerate(blocks):
         data = pending[i].result()
         pending[i] = None                  # memory: READ_AHEAD blocks
         if i + READ_AHEAD < len(blocks):
-          pending.append(readers.submit(self.store.read, blocks[i + READ_AHEAD], self.files))
+          pending.append(readers.submit(self.store.read, blocks[i + READ_AHEAD], files))
         count = len(block)
         if count < self.block_rows:
           data = {k: np.pad(v, [(0, self.block_rows - count)] + [(0, 0)] * (v.ndim - 1)) for k, v in data.items()}
@@ -202,8 +214,7 @@ class Index:
     rows, combined, levels = self.rank(query, top_k, candidates)
     data = self.store.read(rows, self._files(("frames", "weights", "prior", "times", "mask")))
     one = jax.tree_util.tree_map(lambda x: np.repeat(np.asarray(x)[:1], len(rows), axis=0), query)
-    relevance = np.asarray(self._relevance(data["frames"], data.get("frames_scale"), data["mask"], data["weights"],
-                                           one))
+    relevance = np.asarray(self._relevance(codec.field(data, "frames"), data["mask"], data["weights"], one))
     metadata = self.store.metadata(rows)
     return [hits_lib.hit(rank, row, combined[i], {name: v[i] for name, v in levels.items()}, relevance[i],
                          data["prior"][i], data["mask"][i], data["times"][i], metadata[i], threshold)
@@ -219,10 +230,9 @@ def _block_scorer(task: str, snippet_levels: tuple[str, ...], chunk_size: int, s
     out = {}
     if on_codes:
       word_mask = query.word_mask[0]
-      out["spatial"] = _text_spatial_on_codes(data["regions"], data["regions_scale"], data["mask"], data["weights"],
+      out["spatial"] = _text_spatial_on_codes(codec.field(data, "regions"), data["mask"], data["weights"],
                                               similarity.l2_normalize(query.words[0], word_mask), word_mask, storage)
-    decoded = {f: codec.decode(data[f], data.get(f"{f}_scale"), storage, dim) if f in data else None
-               for f in ("frames", "regions")}
+    decoded = {f: codec.decode(codec.field(data, f), storage, dim) if f in data else None for f in VECTOR_FIELDS}
     video = VideoEmbeddings(frames=decoded["frames"], regions=decoded["regions"], mask=data["mask"], anomaly=None)
     rest = tuple(name for name in snippet_levels if name not in on_codes)
     if rest:
@@ -232,11 +242,11 @@ def _block_scorer(task: str, snippet_levels: tuple[str, ...], chunk_size: int, s
   return score
 
 
-def _text_spatial_on_codes(codes, scales, snippet_mask, weights, words, word_mask, storage) -> jax.Array:
+def _text_spatial_on_codes(regions, snippet_mask, weights, words, word_mask, storage) -> jax.Array:
   """(g,) S_spa = sum_t w_t 1/2 [mean_l max_k cos(r_tk, w_l) + mean_k max_l cos(r_tk, w_l)] of one query's
   normalized words (L, D), with the cosines from the int8/int4 region codes (codec.int8_cosines): the reduction
   of similarity.text_spatial_level."""
-  cos = codec.int8_cosines(codes, scales, words, storage, "gtkd,ld->gtkl")              # (g, T, R, L)
+  cos = codec.int8_cosines(regions, words, storage, "gtkd,ld->gtkl")              # (g, T, R, L)
   num_words = jnp.sum(word_mask, dtype=jnp.float32)
   word_term = jnp.sum(jnp.where(word_mask, jnp.max(cos, axis=2), 0.0), axis=-1) / jnp.maximum(num_words, 1.0)
   best_word = jnp.max(jnp.where(word_mask, cos, -jnp.inf), axis=-1)                      # (g, T, R)

@@ -8,8 +8,8 @@
   INDEX/pooled.npy       float32 (G, P, D): per video, the pooled vectors of the levels linear in the video
                          (text: normalized mean_t f_t and sum_t w_t f_t/|f_t|; audio: normalized mean_t f_t)
   INDEX/shards/NNNNNN/   the per-snippet arrays of consecutive videos, one .npy per entry of `files(layout)`
-                         (frames and regions encoded by codec, with their _scale arrays when quantized; weights,
-                         prior, times, mask), plus metadata.jsonl (video, caption, label, duration, event, one JSON
+                         (frames and regions encoded by codec: codes, their _scale arrays when quantized, int4's
+                         _low planes; weights, prior, times, mask), plus metadata.jsonl (video, caption, label, duration, event, one JSON
                          line each) and metadata_offsets.npy (n + 1 byte offsets of its lines: a line is one pread)
 
 Plain .npy files: pooled.npy is one dense float32 matrix that np.memmap streams at page-cache speed for stage 1,
@@ -40,7 +40,7 @@ import tqdm
 
 from varcmp_jax.index import codec
 
-FORMAT = 2
+FORMAT = 3         # 3: int4 codes in two 2-bit planes (index.codec)
 MANIFEST = "manifest.json"
 POOLED = "pooled.npy"
 SHARDS = "shards"
@@ -72,14 +72,12 @@ def layout_of(snippets: int, dim: int, pooled: int, regions: int, storage: str) 
 def files(layout: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
   """{name: (dtype, shape of one video's row)} of the .npy files of a shard (name.npy)."""
   t, d, r, storage = layout["snippets"], layout["dim"], layout["regions"], layout["storage"]
-  vectors, width = codec.dtype(storage), codec.width(storage, d)
-  out = {"frames": (vectors, (t, width))}
-  if storage != "float16":
-    out["frames_scale"] = (np.dtype(np.float16), (t,))
-  if r:
-    out["regions"] = (vectors, (t, r, width))
-    if storage != "float16":
-      out["regions_scale"] = (np.dtype(np.float16), (t, r))
+  out = {}
+  for field, shape in (("frames", (t,)), ("regions", (t, r))):
+    if field == "regions" and not r:
+      continue
+    for suffix, (dtype, width) in codec.arrays(storage, d).items():
+      out[field + suffix] = (dtype, shape if width is None else (*shape, width))
   out.update({"weights": (np.dtype(np.float32), (t,)), "prior": (np.dtype(np.float32), (t,)),
               "times": (np.dtype(np.float32), (t, 2)), "mask": (np.dtype(np.bool_), (t,))})
   return out
