@@ -58,8 +58,9 @@ def test_codes_are_the_nearest_grid_points_and_decode_to_unit_vectors(storage, l
   x[4, 2] = 40.0                                                                        # one outlying coordinate
   stored = jax.device_get(codec.encode(jnp.asarray(x), storage))
   scales = stored["_scale"]
+  arrays = codec.arrays(storage, 7)
   assert {k: (v.shape, v.dtype) for k, v in stored.items()} == {
-      suffix: ((50,) if width is None else (50, width), dtype) for suffix, (dtype, width) in codec.arrays(storage, 7).items()}
+      suffix: ((50,) if width is None else (50, width), dtype) for suffix, (dtype, width) in arrays.items()}
   assert scales.dtype == np.float16 and stored[""].shape[-1] == {"int8": 7, "int4": 2}[storage]
   ints = numpy_codes(stored, storage, 7)
   peak = np.abs(x).max(-1, keepdims=True)
@@ -194,7 +195,8 @@ def test_stage2_scores_exactly_the_K_best_linear_videos_and_the_Kth_can_come_fir
   index = index_search.Index(write_synthetic(tmp_path / "index", "text", videos, 10, weights, storage))
   scored = []
   stage2 = index._stage2                                                           # pylint: disable=protected-access
-  monkeypatch.setattr(index, "_stage2", lambda rows, q, *files: scored.append(np.array(rows)) or stage2(rows, q, *files))
+  monkeypatch.setattr(index, "_stage2", lambda rows, q, *files: scored.append(np.array(rows)) or stage2(rows, q,
+                                                                                                       *files))
   rows, _, _ = index.rank(query, top_k=3, candidates=k)
   assert rows[0] == kth
   assert len(scored) == 1 and sorted(scored[0]) == sorted(order[:k])           # K videos, each once
@@ -202,6 +204,7 @@ def test_stage2_scores_exactly_the_K_best_linear_videos_and_the_Kth_can_come_fir
   rows, _, _ = index.rank(query, top_k=3, candidates=k - 1)
   assert kth not in rows and sorted(scored[0]) == sorted(order[:k - 1])
   assert index.rank(query, top_k=1, candidates=None)[0][0] == kth               # the exhaustive search finds it
+
 
 @pytest.mark.parametrize("task", ["text", "audio"])
 def test_int4_ranks_the_candidates_on_the_high_plane_and_reads_the_low_plane_of_the_best_only(tmp_path, monkeypatch,
@@ -215,9 +218,10 @@ def test_int4_ranks_the_candidates_on_the_high_plane_and_reads_the_low_plane_of_
   exhaustive_rows, exhaustive, _ = index.rank(query, top_k=g, candidates=None)        # every video, exact int4
   reads = []
   read = index.store.read
-  monkeypatch.setattr(index.store, "read", lambda rows, names: reads.append((len(rows), set(names))) or read(rows, names))
+  monkeypatch.setattr(index.store, "read",
+                      lambda rows, names: reads.append((len(rows), set(names))) or read(rows, names))
   monkeypatch.setattr(index_search, "REFINE", refine)
-  rows, combined, levels = index.rank(query, top_k=5, candidates=g)
+  rows, combined, _ = index.rank(query, top_k=5, candidates=g)
   coarse_reads = [n for n, names in reads if not any(name.endswith("_low") for name in names)]
   exact_reads = [(n, names) for n, names in reads if any(name.endswith("_low") for name in names)]
   assert sum(coarse_reads) == g and sum(n for n, _ in exact_reads) == refine     # the low planes of `refine` videos

@@ -9,8 +9,9 @@
                          (text: normalized mean_t f_t and sum_t w_t f_t/|f_t|; audio: normalized mean_t f_t)
   INDEX/shards/NNNNNN/   the per-snippet arrays of consecutive videos, one .npy per entry of `files(layout)`
                          (frames and regions encoded by codec: codes, their _scale arrays when quantized, int4's
-                         _low planes; weights, prior, times, mask), plus metadata.jsonl (video, caption, label, duration, event, one JSON
-                         line each) and metadata_offsets.npy (n + 1 byte offsets of its lines: a line is one pread)
+                         _low planes; weights, prior, times, mask), plus metadata.jsonl (video, caption, label,
+                         duration, event, one JSON line each) and metadata_offsets.npy (n + 1 byte offsets of its
+                         lines: a line is one pread)
 
 Plain .npy files: pooled.npy is one dense float32 matrix that np.memmap streams at page-cache speed for stage 1,
 and a video's row of a shard file is one pread at a computed offset for stage 2, with no dependency beyond numpy
