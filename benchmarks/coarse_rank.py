@@ -18,7 +18,6 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import search_scale  # pylint: disable=g-import-not-at-top
-from varcmp_jax.index import levels  # pylint: disable=g-import-not-at-top
 from varcmp_jax.index import search  # pylint: disable=g-import-not-at-top
 
 # pylint: disable=protected-access
@@ -32,10 +31,7 @@ def main():
   worst = []
   for q, query in enumerate(search_scale.queries(args)):
     query = index._check_query(query)
-    stage1 = search.TopK(args.candidates)
-    for rows, linear in index._stage1_windows(levels.query_vectors(query)):
-      stage1.add(rows, linear @ index._linear_weights(), {"linear": linear})
-    rows, linear = np.sort(stage1.rows), stage1.levels["linear"][np.argsort(stage1.rows)]
+    rows, linear = index.stage1(query, args.candidates)
     coarse, _ = index._combine(linear, index._stage2(rows, query, index.coarse_files))
     exact, _ = index._combine(linear, index._stage2(rows, query))
     coarse_rank = np.argsort(np.argsort(-coarse, kind="stable"), kind="stable") + 1

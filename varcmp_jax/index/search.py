@@ -110,20 +110,15 @@ class Index:
     candidates: K videos kept by stage 1 for stage 2 (at least top_k); None: exhaustive.
     """
     query = self._check_query(query)
-    vectors = levels_lib.query_vectors(query)
     top_k = max(1, min(int(top_k), len(self)))
     if candidates is None:
       best = TopK(top_k)
-      for rows, linear in self._stage1_windows(vectors):
+      for rows, linear in self._stage1_windows(levels_lib.query_vectors(query)):
         best.add(rows, *self._combine(linear, self._stage2(rows, query)))
       return best.ranked()
     if not self.stage2_needed:
       candidates = top_k
-    stage1 = TopK(max(top_k, min(int(candidates), len(self))))
-    for rows, linear in self._stage1_windows(vectors):
-      stage1.add(rows, linear @ self._linear_weights(), {"linear": linear})
-    rows = np.sort(stage1.rows)            # stage 2 reads the shards in order
-    linear = stage1.levels["linear"][np.argsort(stage1.rows)]
+    rows, linear = self.stage1(query, max(top_k, min(int(candidates), len(self))))
     refine = max(top_k, REFINE)
     if len(rows) > refine and self.coarse_files != self.files:
       coarse, _ = self._combine(linear, self._stage2(rows, query, self.coarse_files))
@@ -132,6 +127,15 @@ class Index:
     best = TopK(top_k)
     best.add(rows, *self._combine(linear, self._stage2(rows, query)))
     return best.ranked()
+
+  def stage1(self, query, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1: (rows, (k, P) linear level scores) of the k videos best by their combined linear score, for row 0
+    of a query `rank` has checked; rows ascending, so that stage 2 reads the shards in order."""
+    best = TopK(k)
+    for rows, linear in self._stage1_windows(levels_lib.query_vectors(query)):
+      best.add(rows, linear @ self._linear_weights(), {"linear": linear})
+    order = np.argsort(best.rows)
+    return best.rows[order], best.levels["linear"][order]
 
   def _linear_weights(self) -> np.ndarray:
     return np.array([self.lambdas.get(name, 0.0) for name in self.pooled_levels], np.float32)
