@@ -11,7 +11,8 @@ install: $(STAMP)
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,beam]'
+	# tpu: libtpu for `varcmp compile --topology` (deviceless TPU compilation) and its tests.
+	$(VENV)/bin/pip install -q -e '.[test,beam,tpu]'
 	# The CLIP BPE vocabulary ships in this wheel; --no-deps keeps pip away from torchvision/CUDA torch.
 	$(VENV)/bin/pip install -q --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)

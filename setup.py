@@ -30,6 +30,8 @@ setuptools.setup(
         "openpyxl>=3.1",
         "tensorboardX>=2.6",
         "tqdm",
+        # The index's CRC32 of every row a query reads (varcmp_jax/index/checksum.py): ISA-L's is 9x zlib's.
+        "isal>=1.6",
         "absl-py",
         "matplotlib",
         # varcmp serve: Starlette >= 1.5.1 serves Range requests (video seeking) with the DoS fixes.
@@ -47,6 +49,9 @@ setuptools.setup(
         # pillow < 13, pyarrow < 26: pip resolves 6.33.6 / 12.x / 25.x beside the pins above.
         "beam": ["apache-beam==2.77.0"],
         "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist", "selenium>=4.20"],
+        # `varcmp compile --topology`: deviceless TPU compilation needs libtpu. jax's own `tpu` extra pins the libtpu
+        # of the jax it belongs to; unversioned here, pip keeps the installed jax and adds its libtpu (684 MB).
+        "tpu": ["jax[tpu]"],
     },
     package_data={"varcmp_jax.serve": ["static/*"]},
     entry_points={"console_scripts": ["varcmp=varcmp_jax.cli:main"]},

@@ -27,6 +27,12 @@ the float32 reference top-10, over the --reference-queries), planted_recall_at_1
 ranked 1st / in the top 10 of the two-stage search), query_cpu_p50_s (CPU time of a query, both cores: steadier
 than wall time on a shared machine), load_average (1 min, at the end), and this process's peak RSS
 (build_/reference_/query_peak_rss_bytes with --phase). Every phase prints its progress and each result as it comes.
+
+What checking reads costs (issue 29): --verify-reads off opens the index with stage 2's row checksums off; even
+(odd) interleaves the two in one run: queries 0, 2, 4, ... (1, 3, 5, ...) check the rows they read, the others do
+not, each query run once, so both halves read their candidates cold and meet the same machine load. It adds
+verified_p50_s, unverified_p50_s, their ratio, and per_query (seconds, verified or not); a run with even and one
+with odd on a cold page cache give every query both ways. open_s: opening the index (with its checks).
 """
 import argparse
 import json
@@ -66,12 +72,16 @@ def parse_args(argv):
   parser.add_argument("--exhaustive-queries", type=int, default=None,
                       help="queries also run exhaustively on the index (default: all; 0 skips it)")
   parser.add_argument("--reference-queries", type=int, default=None,
-                      help="queries the float32 reference ranks (the first ones; default: all)")
+                      help="queries the float32 reference ranks (the first ones; default: all; 0: none, and the query "
+                           "phase reports no recall against it)")
   parser.add_argument("--storage", choices=("auto",) + codec.STORAGES, default="auto")
   parser.add_argument("--shard-mb", type=float, default=store.DEFAULT_SHARD_BYTES / 2**20)
   parser.add_argument("--shard-size", type=int, default=None, help="videos per shard (instead of --shard-mb)")
   parser.add_argument("--batch", type=int, default=32, help="videos generated and written at a time")
   parser.add_argument("--chunk-mib", type=int, default=32, help="Index chunk_bytes, MiB")
+  parser.add_argument("--verify-reads", choices=("on", "off", "even", "odd"), default="on",
+                      help="stage 2 checks each row it reads against its checksum: on, off, or on for the even "
+                           "(odd) queries only, to measure what it costs")
   parser.add_argument("--phase", choices=("all", "build", "reference", "query"), default="all")
   parser.add_argument("--out", required=True, help="index directory (replaced by the build phase)")
   parser.add_argument("--json", default=None, help="write the figures here (merged into an existing file)")
@@ -237,27 +247,41 @@ def reference(args) -> dict:
   return result
 
 
+def verified(args, q: int) -> bool:
+  """Whether query q checks the rows it reads (--verify-reads)."""
+  return {"on": True, "off": False, "even": q % 2 == 0, "odd": q % 2 == 1}[args.verify_reads]
+
+
 def query(args) -> dict:
-  index = index_search.Index(args.out, chunk_bytes=args.chunk_mib << 20)
   qs, truth = queries(args), {q: g for g, q in planted(args).items()}
-  with open(reference_path(args)) as f:
-    fp32 = json.load(f)
-  if fp32["videos"] != args.videos or fp32["seed"] != args.seed or len(fp32["top10"]) != reference_queries(args):
-    raise SystemExit(f"{reference_path(args)}: made for other videos or queries; run --phase reference")
+  fp32 = {"top10": []}
+  if reference_queries(args):
+    with open(reference_path(args)) as f:
+      fp32 = json.load(f)
+    if fp32["videos"] != args.videos or fp32["seed"] != args.seed or len(fp32["top10"]) != reference_queries(args):
+      raise SystemExit(f"{reference_path(args)}: made for other videos or queries; run --phase reference")
+  indexes, open_s = {}, {}
+  for verify in sorted({verified(args, q) for q in range(args.queries)}, reverse=True):
+    start = time.perf_counter()
+    indexes[verify] = index_search.Index(args.out, chunk_bytes=args.chunk_mib << 20, verify_reads=verify)
+    open_s[verify] = time.perf_counter() - start
+    say(f"query: opened in {open_s[verify]:.2f} s, row checks {'on' if verify else 'off'}")
+  index = next(iter(indexes.values()))
   say(f"query: {len(index)} videos, {index.storage} vectors, K = {args.candidates}, stage-2 blocks of "
       f"{index.block_rows} videos")
-  index.search(qs[0], top_k=10, candidates=args.candidates)     # compiles stage 2 (untimed)
+  for each in indexes.values():
+    each.search(qs[0], top_k=10, candidates=args.candidates)     # compiles stage 2 (untimed)
   times, cpu_times, tops, vs_fp32 = [], [], [], []
   for q in range(args.queries):
     start, cpu_start = time.perf_counter(), time.process_time()
-    hits = index.search(qs[q], top_k=10, candidates=args.candidates)
+    hits = indexes[verified(args, q)].search(qs[q], top_k=10, candidates=args.candidates)
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
     tops.append([h["index"] for h in hits])
     if q < len(fp32["top10"]):
       vs_fp32.append(len(set(tops[q]) & set(fp32["top10"][q])) / 10)
-    say(f"query {q + 1}/{args.queries}: {times[-1]:.3f} s ({cpu_times[-1]:.2f} CPU-s), recall@10 vs float32 "
-        f"{vs_fp32[q] if q < len(vs_fp32) else '-'}, "
+    say(f"query {q + 1}/{args.queries}: {times[-1]:.3f} s ({cpu_times[-1]:.2f} CPU-s), rows checked "
+        f"{'yes' if verified(args, q) else 'no'}, recall@10 vs float32 {vs_fp32[q] if q < len(vs_fp32) else '-'}, "
         f"planted truth at rank {tops[q].index(truth[q]) + 1 if truth[q] in tops[q] else '>10'}")
   exhaustive = args.queries if args.exhaustive_queries is None else min(args.exhaustive_queries, args.queries)
   exhaustive_times, recalls = [], []
@@ -267,11 +291,19 @@ def query(args) -> dict:
     exhaustive_times.append(time.perf_counter() - start)
     recalls.append(len(set(tops[q]) & {h["index"] for h in hits}) / 10)
     say(f"exhaustive {q + 1}/{exhaustive}: {exhaustive_times[-1]:.2f} s, recall@10 of the two-stage {recalls[-1]:.1f}")
-  return {"query_p50_s": float(np.percentile(times, 50)), "query_p95_s": float(np.percentile(times, 95)),
+  split = {v: [t for q, t in enumerate(times) if verified(args, q) == v] for v in (True, False)}
+  checks = {}
+  if split[True] and split[False]:
+    checks = {"verified_p50_s": float(np.percentile(split[True], 50)),
+              "unverified_p50_s": float(np.percentile(split[False], 50)),
+              "verified_over_unverified_p50": float(np.percentile(split[True], 50) / np.percentile(split[False], 50)),
+              "per_query": [[t, verified(args, q)] for q, t in enumerate(times)]}
+  return {**checks, "open_s": open_s.get(True, open_s.get(False)), "verify_reads": args.verify_reads,
+          "query_p50_s": float(np.percentile(times, 50)), "query_p95_s": float(np.percentile(times, 95)),
           "query_cpu_p50_s": float(np.percentile(cpu_times, 50)), "load_average": os.getloadavg()[0],
           "exhaustive_p50_s": float(np.percentile(exhaustive_times, 50)) if exhaustive_times else None,
           "recall_at_10": float(np.mean(recalls)) if recalls else None,
-          "recall_at_10_vs_fp32": float(np.mean(vs_fp32)), "reference_queries": len(vs_fp32),
+          "recall_at_10_vs_fp32": float(np.mean(vs_fp32)) if vs_fp32 else None, "reference_queries": len(vs_fp32),
           "exhaustive_queries": exhaustive,
           "planted_recall_at_1": float(np.mean([top[0] == truth[q] for q, top in enumerate(tops)])),
           "planted_recall_at_10": float(np.mean([truth[q] in top for q, top in enumerate(tops)])),
@@ -286,7 +318,7 @@ def main(argv=None):
             "words": args.words, "queries": args.queries, "candidates": args.candidates, "phase": args.phase}
   if args.phase in ("all", "build"):
     result.update(build(args))
-  if args.phase in ("all", "reference"):
+  if args.phase in ("all", "reference") and reference_queries(args):
     result.update(reference(args))
   if args.phase in ("all", "query"):
     result.update(query(args))

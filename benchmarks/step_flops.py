@@ -13,7 +13,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from varcmp_jax import config as config_lib
 from varcmp_jax import flops

@@ -13,7 +13,7 @@ from varcmp_jax import config as config_lib
 def get_config(arg: str | None = None):
   task = arg or "text"
   if task not in ("text", "audio"):
-    raise ValueError(f"configs/synthetic.py: config argument {task!r} must be 'text' or 'audio'")
+    raise ValueError(f"no variant {task!r}; the variants of synthetic are 'text' (the default) and 'audio'")
   c = config_lib.default_config(task=task, regime="frames")
   c.data.snippets = 16
   c.data.worker_count = 0

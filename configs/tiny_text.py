@@ -4,6 +4,8 @@ from varcmp_jax import config as config_lib
 
 def get_config(arg: str | None = None):
   regime = arg or "frames"
+  if regime not in ("frames", "features"):
+    raise ValueError(f"no variant {regime!r}; the variants of tiny_text are 'frames' (the default) and 'features'")
   c = config_lib.default_config(task="text", regime=regime)
   c.data.snippets = 4
   c.model.clip = config_lib.clip_tiny(image_size=16, patch_size=8, width=32, depth=1)

@@ -14,8 +14,8 @@ from varcmp_jax import config as config_lib
 def get_config(arg: str | None = None):
   regime = arg or "features"
   if regime not in ("features", "frames", "released"):
-    raise ValueError(f"configs/xdviolence_ar.py: config argument {regime!r} must be 'features', 'frames' or "
-                     "'released'")
+    raise ValueError(f"no variant {regime!r}; the variants of xdviolence_ar are 'features' (the default), 'frames' "
+                     "and 'released'")
   c = config_lib.default_config(task="audio", regime="frames" if regime == "frames" else "features")
   c.model.clip = config_lib.clip_b16()
   c.model.dtype = "bfloat16"

@@ -47,26 +47,40 @@ def chromium(width: int = 1200, height: int = 900):
     shutil.rmtree(profile, ignore_errors=True)
 
 
+def open_page(driver, url: str, timeout: float = 60):
+  """Opens the page and waits until it has read /api/info."""
+  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  driver.get(url)
+  WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+
+
 def search(driver, url: str, query: str, timeout: float = 60) -> list[dict]:
   """Opens the page, types `query`, submits, waits for the hits and their main keyframes; returns per hit its
-  name and its keyframe's naturalWidth (0: not loaded)."""
+  name and its keyframe's naturalWidth (0: not loaded or none)."""
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
-  wait = WebDriverWait(driver, timeout)
-  driver.get(url)
-  wait.until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+  open_page(driver, url, timeout)
   box = driver.find_element(By.ID, "text")
   box.clear()
   box.send_keys(query)
   driver.find_element(By.ID, "go").click()
+  return wait_for_hits(driver, f"“{query}”", timeout)
+
+
+def wait_for_hits(driver, words: str, timeout: float = 60) -> list[dict]:
+  """Waits for a search's hits (the status line naming `words`) and their main keyframes to finish (loaded or
+  failed); returns per hit its name and its main keyframe's naturalWidth (0: not loaded or none)."""
+  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  wait = WebDriverWait(driver, timeout)
   wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#hits li.hit")
-             and query in d.find_element(By.ID, "status").text)
+             and words in d.find_element(By.ID, "status").text)
   wait.until(lambda d: d.execute_script(
-      "return [...document.querySelectorAll('#hits img.thumb')].every(img => img.complete)"))
+      "return [...document.querySelectorAll('#hits .thumb img')].every(img => img.complete)"))
   return driver.execute_script(
       "return [...document.querySelectorAll('#hits li.hit')].map(li => ({"
       " name: li.querySelector('.name').textContent,"
-      " thumbnail_width: li.querySelector('img.thumb').naturalWidth}))")
+      " thumbnail_width: li.querySelector('.thumb img')?.naturalWidth ?? 0}))")
 
 
 def layout(driver) -> dict:
@@ -80,8 +94,43 @@ def layout(driver) -> dict:
         axis: [box(li.querySelector('svg.curves line.axis')).left, box(li.querySelector('svg.curves line.axis')).right],
         thumbnails: [...li.querySelectorAll('.strip figure')].map((figure) => ({
           left: box(figure).left, right: box(figure).right,
-          slot: Number(figure.querySelector('img').getAttribute('src').split('/').pop())}))}));
+          slot: Number(figure.dataset.slot)}))}));
       return {scroll_width: document.documentElement.scrollWidth, inner_width: window.innerWidth, hits};""")
+
+
+def charts(driver) -> list[dict]:
+  """Per hit, its chart's scales as drawn (CSS px, y down): the time axis's y, the relevance grid lines' y, the
+  y-scale labels (text and vertical centre; relevance left, prior right), each relevance bar's top and bottom and
+  each point of the prior line's y, in page order."""
+  return driver.execute_script("""
+      const centre = (node) => { const b = node.getBoundingClientRect(); return (b.top + b.bottom) / 2; };
+      return [...document.querySelectorAll('#hits li.hit svg.curves')].map((chart) => {
+        const matrix = chart.getScreenCTM();
+        return {
+          axis: centre(chart.querySelector('line.axis')),
+          grid: [...chart.querySelectorAll('line.grid')].map(centre),
+          relevance_ticks: [...chart.querySelectorAll('text.relevance-tick')].map((t) => [t.textContent, centre(t)]),
+          prior_ticks: [...chart.querySelectorAll('text.prior-tick')].map((t) => [t.textContent, centre(t)]),
+          bars: [...chart.querySelectorAll('rect.bar')].map((r) => [r.getBoundingClientRect().top,
+                                                                   r.getBoundingClientRect().bottom]),
+          prior: [...chart.querySelector('polyline.prior').points].map(
+              (p) => new DOMPoint(p.x, p.y).matrixTransform(matrix).y)};
+      });""")
+
+
+def keyframes(driver) -> list[dict]:
+  """Per hit, its keyframe boxes (the main one first, then the strip's), each: shown (its image loaded and
+  displayed), empty (marked .no-keyframe, its image, if any, not displayed), width and height (CSS px) and
+  whether its content overflows it."""
+  return driver.execute_script("""
+      return [...document.querySelectorAll('#hits li.hit')].map((li) =>
+        [...li.querySelectorAll('.thumb, .strip .frame')].map((box) => {
+          const img = box.querySelector('img');
+          return {shown: !!img && img.complete && img.naturalWidth > 0 && getComputedStyle(img).display !== 'none',
+                  empty: box.classList.contains('no-keyframe') && (!img || getComputedStyle(img).display === 'none'),
+                  width: box.getBoundingClientRect().width, height: box.getBoundingClientRect().height,
+                  overflows: box.scrollWidth > box.clientWidth + 1 || box.scrollHeight > box.clientHeight + 1};
+        }));""")
 
 
 def screenshot(driver, path: str, width: int = 1200) -> str:

@@ -59,6 +59,8 @@ def trainer(monkeypatch):
     ("loss.levels=0,1", "is a group"),
     ("weighting.beta=0,2", "weighting.beta=2.0: must lie in [0, 1]"),          # config.validate per variant
     ("weighting.beta=0,0", "repeated value"),
+    ("loss.fine_candidates=0,1", "loss.fine_candidates=1: must be 0"),               # the large-batch switches too
+    ("loss.fine_snippets=0,-4", "loss.fine_snippets=-4: must be >= 0"),
 ])
 def test_bad_sweep_fails_before_training(config_path, tmp_path, trainer, sweep, message):
   with pytest.raises(SystemExit) as error:
@@ -103,6 +105,9 @@ def test_variant_expansion(config_path):
   for _, cfg in planned:
     assert cfg.seed == config.seed and cfg.data.records == "/records/of/the/test"
   assert config.weighting.beta == 0.5 and config.loss.levels.spatial == 1.0   # the base is untouched
+  # The large-batch switches sweep like any field (issue 28).
+  planned = ablate.plan(config, ["loss.fine_candidates=0,16", "loss.fine_snippets=0,8"], [])
+  assert [(c.loss.fine_candidates, c.loss.fine_snippets) for _, c in planned] == [(0, 0), (0, 8), (16, 0), (16, 8)]
 
 
 def test_tables_from_eval_files(config_path, tmp_path, trainer):
@@ -152,6 +157,45 @@ def test_runs_missing_variants_then_reuses_them(config_path, tmp_path, trainer):
   with pytest.raises(SystemExit, match=r"different config \(train.num_steps: 1000 -> 700\)") as error:
     ablate.main(argv + ["--config.train.num_steps=700"])
   assert error.value.code not in (0, None)
+
+
+def test_rerunning_the_same_command_reuses_runs_whose_word_budget_was_sized_from_the_records(config_path, tmp_path,
+                                                                                             monkeypatch):
+  """model.max_words = 0 means "size it from the records": training writes the resolved budget (the longest caption,
+  9 words here) into each variant's config.json, and the same command run again must take that for its own config
+  (it was refused: "cannot reuse ... (model.max_words: 9 -> 0)"). Other records (longer captions) are refused."""
+  from varcmp_jax import evaluate as evaluate_lib
+  from varcmp_jax.train import train as train_lib
+  records = tmp_path / "records"
+  records.mkdir()
+  manifest = {"splits": {split: {"records": 4, "shards": [], "caption_words": {"5": 3, "9": 1}}
+                         for split in ("train", "test")}, "skipped": []}
+  (records / "manifest.json").write_text(json.dumps(manifest))
+  trained = []
+
+  def train_as_train_does(config, workdir):     # the real budget resolution, then config.json as train writes it
+    trained.append(os.path.basename(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(train_lib.with_word_budget(config).to_json_best_effort(indent=2))
+
+  def fake_evaluate(config, workdir, step=None):
+    recalls = {"R1": 10.0, "R5": 20.0, "R10": 30.0, "MdR": 7.0, "MnR": 9.0}
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump({"text_to_video": recalls, "video_to_text": recalls, "SumR": 120.0, "levels": {}}, f)
+
+  monkeypatch.setattr(train_lib, "train", train_as_train_does)
+  monkeypatch.setattr(evaluate_lib, "evaluate", fake_evaluate)
+  workdir = tmp_path / "ab"
+  argv = ["--config", config_path, "--workdir", str(workdir), f"--config.data.records={records}",
+          "--sweep", "weighting.beta=0,0.5"]
+  assert ablate.main(argv) == 0 and trained == ["beta=0", "beta=0.5"]
+  assert json.loads((workdir / "beta=0" / "config.json").read_text())["model"]["max_words"] == 9
+  assert ablate.main(argv) == 0 and trained == ["beta=0", "beta=0.5"]      # reused, nothing trained again
+  manifest["splits"]["train"]["caption_words"]["12"] = 1                   # the records changed: a longer caption
+  (records / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(SystemExit, match=r"cannot reuse .*beta=0 with a different config \(model.max_words: 9 -> 12\)"):
+    ablate.main(argv)
 
 
 def test_a_variant_another_run_is_writing_is_refused(config_path, tmp_path, trainer):

@@ -132,19 +132,77 @@ def test_padded_attention_equals_unpadded(causal):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
-def test_auto_is_xla_on_cpu_and_runs_every_length():
+def _reference_module(params, x, num_heads, causal):
+  """The Attention module in numpy terms (float64): the q/k/v projections, per-head softmax(q k^T / sqrt(d)) v
+  (`_reference_attention`), the output projection."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  project = lambda name, y: y @ p[name]["kernel"] + p[name]["bias"]
+  b, n, width = x.shape
+  heads = lambda y: y.reshape(b, n, num_heads, width // num_heads)
+  q, k, v = (heads(project(name, np.asarray(x, np.float64))) for name in ("q_proj", "k_proj", "v_proj"))
+  return project("out_proj", _reference_attention(q, k, v, causal).reshape(b, n, width))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_auto_on_cpu_is_xla_and_equals_the_reference_at_every_length(causal, monkeypatch):
+  """The module on this machine's backend (XLA) at every length against the numpy reference; then with every
+  call padded as cuDNN would be on a GPU (one more key, masked), against the same reference."""
   assert clip_model._default_backend() == ("cpu", None)  # pylint: disable=protected-access
-  attention = clip_model.Attention(num_heads=2, causal=False, dtype="float32", param_dtype="float32",
+  attention = clip_model.Attention(num_heads=2, causal=causal, dtype="float32", param_dtype="float32",
                                    attention_impl="auto")
   rng = np.random.default_rng(0)
   params = attention.init(jax.random.key(0), np.zeros((1, 1, 16), np.float32))
+  params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32) * 0.5, params)   # biases too
+  plans = []
+  real_plan = clip_model.attention_plan
+  def recorded_plan(*args):
+    plans.append(real_plan(*args))
+    return plans[-1]
+  monkeypatch.setattr(clip_model, "attention_plan", recorded_plan)
   apply = jax.jit(attention.apply)
   for n in LENGTHS:
-    x = rng.normal(size=(1, n, 16)).astype(np.float32)
-    y = apply(params, x)
-    assert y.shape == x.shape and np.isfinite(np.asarray(y)).all(), n
+    x = rng.normal(size=(2, n, 16)).astype(np.float32)
+    np.testing.assert_allclose(apply(params, x), _reference_module(params, x, 2, causal), atol=2e-5, rtol=1e-5,
+                               err_msg=str(n))
+    assert plans[-1] == ("xla", n)
+  padded_lengths = []
+  def padded_plan(impl, platform, n, *rest):
+    padded_lengths.append(n)
+    return "xla", n + 1
+  monkeypatch.setattr(clip_model, "attention_plan", padded_plan)
+  for n in (1, 2, 77, 197):
+    x = rng.normal(size=(2, n, 16)).astype(np.float32)
+    padded = attention.apply(params, x)       # not jitted: the jit above would reuse its unpadded trace
+    np.testing.assert_allclose(padded, _reference_module(params, x, 2, causal), atol=2e-5, rtol=1e-5,
+                               err_msg=f"padded {n}")
+  assert padded_lengths == [1, 2, 77, 197]
+  monkeypatch.setattr(clip_model, "attention_plan", real_plan)
   with pytest.raises(ValueError, match=r"model\.attention_impl='cudnn' cannot run on cpu"):
     attention.clone(attention_impl="cudnn").init(jax.random.key(0), x)
+
+
+class FakeBackend:
+  def __init__(self, platform, platform_version):
+    self.platform, self.platform_version = platform, platform_version
+
+
+@pytest.mark.parametrize("platform, version, capability, expected", [
+    ("gpu", "PJRT C API\ncuda 12080", "9.0", ("cuda", "9.0")),
+    ("gpu", "PJRT C API\nrocm 60300", "gfx942", ("gpu", None)),      # an AMD GPU: same platform name, no CUDA
+    ("tpu", "PJRT C API\nlibtpu 0.0.21", None, ("tpu", None)),
+])
+def test_the_backend_is_cuda_only_when_its_version_says_cuda(monkeypatch, platform, version, capability, expected):
+  """JAX names ROCm and CUDA GPUs alike ("gpu"); only a CUDA one may get cuDNN. What `_default_backend` reads is
+  faked, as each backend reports it; the plan for a bf16 ViT-B/16 layer follows (XLA on ROCm and TPU)."""
+  class Device:
+    compute_capability = capability
+  monkeypatch.setattr(clip_model, "jax_backend", type("jax_backend", (), {
+      "get_backend": staticmethod(lambda: FakeBackend(platform, version))}))
+  monkeypatch.setattr(jax, "local_devices", lambda *args, **kwargs: [Device()])
+  got = clip_model._default_backend()  # pylint: disable=protected-access
+  assert got == expected
+  plan = clip_model.attention_plan("auto", *got[:1], 197, 64, jnp.bfloat16, got[1])
+  assert plan == (("cudnn", 198) if expected[0] == "cuda" else ("xla", 197))
 
 
 TOWERS = clip.CLIPConfig(

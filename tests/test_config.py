@@ -36,8 +36,41 @@ def test_benchmark_configs_pick_their_regime():
   assert load_config("ucfcrime_ar", "features").data.snippets == 256
   assert load_config("xdviolence_ar", "features").model.audio.kind == "features"
   assert load_config("xdviolence_ar", "frames").model.audio.kind == "spectrogram"
-  with pytest.raises(ValueError, match="'pixels' must be 'features'"):
+  with pytest.raises(ValueError, match="no variant 'pixels'; the variants of ucfcrime_ar are 'features'"):
     load_config("ucfcrime_ar", "pixels")
+
+
+@pytest.mark.parametrize("spec, valid", [
+    ("synthetic:nonexistent_variant", "the variants of synthetic are 'text' (the default) and 'audio'"),
+    ("xdviolence_ar:nope", "the variants of xdviolence_ar are 'features' (the default), 'frames' and 'released'"),
+    ("ucfcrime_ar:nope", "the variants of ucfcrime_ar are 'features' (the default), 'frames' and 'released'"),
+    ("tiny_text:nope", "the variants of tiny_text are 'frames' (the default) and 'features'"),
+    ("tiny_audio:nope", "the variants of tiny_audio are 'frames' (the default) and 'features'"),
+])
+def test_an_unknown_variant_is_one_line_with_exit_status_2(tmp_path, capsys, spec, valid):
+  """train, eval and ablate: one line naming the variant and the valid ones (no ml_collections traceback), exit
+  status 2 as for any bad argument, nothing written."""
+  from varcmp_jax import ablate, command_flags, evaluate
+  from varcmp_jax.train import main as train_main_lib
+  variant = spec.split(":")[1]
+  for prog, command in (("train", train_main_lib.train_main), ("eval", evaluate.main), ("ablate", ablate.main)):
+    argv = ["--config", spec, "--workdir", str(tmp_path / "run"), "--config.data.records=/r", "--sweep", "seed=1,2"]
+    with pytest.raises(SystemExit) as error:
+      command(argv if prog == "ablate" else argv[:-2])
+    expected = f"varcmp {prog}: --config {spec}: no variant {variant!r}; {valid}"
+    assert error.value.code == 2 and str(error.value) == expected, prog
+    assert capsys.readouterr().err == expected + "\n", prog          # printed: status 2 alone prints nothing
+  with pytest.raises(ValueError, match=f"^no variant {variant!r}; "):
+    command_flags.load_config_file(spec)
+  assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_variant_from_the_command_line(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "varcmp_jax.cli", "train", "--config", "synthetic:nonexistent_variant",
+                           "--workdir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and result.stdout == ""
+  assert result.stderr == ("varcmp train: --config synthetic:nonexistent_variant: no variant 'nonexistent_variant'; "
+                           "the variants of synthetic are 'text' (the default) and 'audio'\n")
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -1,6 +1,13 @@
 """`varcmp demo` end to end on a handful of videos: every stage runs and writes its outputs, the trained model
-beats chance, the audio half runs on the same videos, and the output ends with what to run next."""
+beats chance, the audio half runs on the same videos, and the output ends with what to run next, as a shell
+without the environment on its PATH runs it."""
 import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
 
 from varcmp_jax import demo
 from varcmp_jax import evaluate
@@ -18,7 +25,7 @@ def test_demo_text_and_audio_halves(tmp_path, capsys):
   assert "key segments (s)" in out and "ground truth: synth_" in out
   r1 = result["text_to_video"]["R1"]
   assert "(4 videos, chance R@1 = 25.0%)" in out and f"text_to_video R@1 = {r1:.1f}%, {r1 / 25:.1f} times chance" in out
-  next_steps = out[out.index("\nnext:\n"):]
+  next_steps = out[out.index("\nnext"):]
   assert f"varcmp eval --workdir {tmp_path / 'run'}" in next_steps and "varcmp demo --task audio" in next_steps
 
   # The demo's model learned: on the 12 videos it trained on, text -> video R@1 is far above chance (8.3%;
@@ -31,6 +38,16 @@ def test_demo_text_and_audio_halves(tmp_path, capsys):
   assert json.loads((tmp_path / "run" / "eval.json").read_text()) == result       # not replaced
   capsys.readouterr()
 
+  # The printed eval line runs as printed in a shell whose PATH lacks this environment (`make demo` then a copy
+  # and paste: the environment is not activated), and evaluates the same run.
+  eval_line = next(line.strip() for line in next_steps.splitlines() if " eval --workdir " in line)
+  assert shlex.split(eval_line)[1:] == ["eval", "--workdir", str(tmp_path / "run")]
+  env = dict(os.environ, PATH=os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                              if p and not os.path.isfile(os.path.join(p, "varcmp"))))
+  ran = subprocess.run(["bash", "-c", eval_line], env=env, capture_output=True, text=True, timeout=600)
+  assert ran.returncode == 0, ran.stderr[-3000:]
+  assert json.loads((tmp_path / "run" / "eval.json").read_text()) == result
+
   # The audio half reuses the videos (no synth stage) and searches with a test video's soundtrack.
   assert demo.main(["--task", "audio", "--workdir", str(tmp_path), "--videos", "16", "--steps", "2", "--top-k", "2"]) == 0
   out = capsys.readouterr().out
@@ -39,7 +56,59 @@ def test_demo_text_and_audio_halves(tmp_path, capsys):
   assert (result["step"], result["records"]) == (2, str(tmp_path / "records_audio"))
   assert set(metrics.directions(result)) == {"audio_to_video", "video_to_audio"}
   assert metrics.format_table(result) in out and "query: audio of synth_" in out
-  assert "varcmp demo --task text" in out[out.index("\nnext:\n"):]
+  assert "varcmp demo --task text" in out[out.index("\nnext"):]
+
+
+@pytest.fixture
+def environment(tmp_path, monkeypatch):
+  """A fake virtual environment env/bin (python, varcmp, activate) and a working directory beside it; PATH
+  holds neither."""
+  bin_dir = tmp_path / "env" / "bin"
+  bin_dir.mkdir(parents=True)
+  for name in ("python", "varcmp"):
+    (bin_dir / name).write_text("#!/bin/sh\n")
+    (bin_dir / name).chmod(0o755)
+  (bin_dir / "activate").write_text("")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("PATH", "/usr/bin:/bin")
+  monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+  return bin_dir
+
+
+def test_next_lines_name_varcmp_by_its_path_unless_path_finds_it(environment, monkeypatch):
+  """Run as `env/bin/varcmp demo` (or from Python, its varcmp beside the Python): the path, relative to here;
+  `source env/bin/activate` said once. Once PATH finds that varcmp: plain `varcmp`. Without an entry point:
+  `python -m varcmp_jax.cli`."""
+  from varcmp_jax import demo
+  for argv0 in ("env/bin/varcmp", "/usr/lib/python3/dist-packages/pytest.py"):
+    monkeypatch.setattr(sys, "argv", [argv0, "demo"])
+    assert demo.environment_bin() == "env/bin/"
+    typed = demo.commands(demo.environment_bin())
+    assert typed == {"varcmp": "env/bin/varcmp", "pip": "env/bin/pip", "tensorboard": "env/bin/tensorboard"}
+    assert demo.next_heading("env/bin/") == "next (or `source env/bin/activate` first, then plain `varcmp ...`):"
+  lines = demo.next_steps("text", environment.parent, environment.parent / "records", environment.parent / "run",
+                          environment.parent / "videos", "v.mp4", typed)
+  assert all(line.startswith("env/bin/") for line in lines), lines
+  assert lines[4] == ("env/bin/pip install tensorboard && env/bin/tensorboard --logdir "
+                      f"{environment.parent}/run/tensorboard")
+  (environment.parent.parent / "elsewhere").mkdir()
+  monkeypatch.chdir(environment.parent.parent / "elsewhere")          # not under the current directory: absolute
+  assert demo.environment_bin() == f"{environment}/"
+  monkeypatch.chdir(environment)                                      # in the bin folder itself: ./varcmp
+  assert demo.environment_bin() == "./" and demo.commands("./")["varcmp"] == "./varcmp"
+  other = environment.parent.parent / "other_bin"                     # another varcmp on PATH: not this one
+  other.mkdir()
+  (other / "varcmp").write_text("#!/bin/sh\n")
+  (other / "varcmp").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{other}:/usr/bin")
+  assert demo.environment_bin() == "./"
+  monkeypatch.setenv("PATH", f"{environment}:/usr/bin")               # the environment activated
+  assert demo.environment_bin() == "" and demo.commands("")["varcmp"] == "varcmp"
+  assert demo.next_heading("") == "next:"
+  (environment / "varcmp").unlink()                                   # run as `python -m varcmp_jax.cli demo`
+  monkeypatch.setattr(sys, "argv", ["/x/varcmp_jax/cli.py", "demo"])
+  assert demo.environment_bin() is None
+  assert demo.commands(None)["varcmp"] == "./python -m varcmp_jax.cli"            # (in the bin folder)
 
 
 def training_log(workdir, records, cpus: set[int], cache) -> list[tuple[float, float]]:

@@ -99,3 +99,66 @@ def test_train_step_against_the_dots_xla_cpu_compiles():
   conv = 2 * 8 * 4 * 2 * 2 * 32 * (8 * 8 * 3)        # the patch embedding's forward (its gradient: weights only)
   np.testing.assert_allclose(count.executed, dot_report(hlo)["dot_flops"] + 2 * conv, rtol=0.005)
   assert count.model < count.executed       # the similarity blocks are rematerialized
+
+
+def test_a_cond_counts_its_costliest_branch_wherever_it_stands():
+  # lax.cond lists the false branch first: here the costly one. lax.switch: the costliest in the middle.
+  def f(x, w, pick):
+    return jax.lax.cond(pick, lambda: x, lambda: x @ w @ w)
+  assert flops.count(f, jnp.ones((8, 16)), jnp.ones((16, 16)), True).executed == 2 * MATMUL
+
+  def g(x, w, index):
+    return jax.lax.switch(index, [lambda: x @ w, lambda: x @ w @ w @ w, lambda: x])
+  assert flops.count(g, jnp.ones((8, 16)), jnp.ones((16, 16)), 0).executed == 3 * MATMUL
+
+
+def test_a_partly_manual_shard_map_runs_once_per_device_of_its_manual_axes():
+  # shard_map over "a" of a 2 x 4 mesh: its body (per-"a" shapes, global over "b") runs twice, not 8 times.
+  mesh = jax.sharding.AbstractMesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  def f(x, w):
+    return jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P("a"), P()), out_specs=P("a"),
+                         axis_names={"a"})(x, w)
+  count = flops.count(f, jax.ShapeDtypeStruct((64, 16), jnp.float32), jnp.ones((16, 16)))
+  assert count.executed == 2 * 64 * 16 * 16
+
+
+def test_roofline_and_mfu_spread_the_work_and_the_bytes_over_the_devices():
+  peak = flops.Peak(1e12, 1e9)
+  compute_bound = flops.Count(executed=8e12, io_bytes=10)
+  memory_bound = flops.Count(executed=8, io_bytes=8e9)
+  assert flops.roofline_seconds(compute_bound, peak) == 8.0
+  assert flops.roofline_seconds(compute_bound, peak, devices=4) == 2.0
+  assert flops.roofline_seconds(memory_bound, peak) == 8.0
+  assert flops.roofline_seconds(memory_bound, peak, devices=4) == 2.0
+  assert flops.mfu(2e12, 1.0, peak, devices=4) == 0.5
+  assert flops.mfu(2e12, 1.0, None) is None and flops.mfu(2e12, 0.0, peak) is None
+
+
+class FakeDevice:
+  def __init__(self, device_kind):
+    self.device_kind = device_kind
+
+
+@pytest.mark.parametrize("kind, tflops, tb_per_s, gib", [
+    ("NVIDIA H100 PCIe", 756, 2.0, 80),          # PCIe before SXM: "H100" is in both names
+    ("NVIDIA H100 80GB HBM3", 989, 3.35, 80),
+    ("NVIDIA H100 NVL", 835, 3.9, 94),
+    ("NVIDIA GH200 480GB", 989, 4.0, 96),        # "H200" is in "GH200"
+    ("NVIDIA H200", 989, 4.8, 141),
+    ("NVIDIA A100-SXM4-80GB", 312, 2.039, 80),
+    ("NVIDIA A100 80GB PCIe", 312, 1.935, 80),
+    ("NVIDIA A100-SXM4-40GB", 312, 1.555, 40),
+    ("TPU v4", 275, 1.2, 32),
+    ("TPU v5 lite", 197, 0.819, 16),
+    ("TPU v5", 459, 2.765, 95),                   # v5p's device_kind: after "TPU v5 lite"
+    ("TPU v6 lite", 918, 1.638, 32),
+])
+def test_device_peak_by_device_kind(kind, tflops, tb_per_s, gib):
+  peak = flops.device_peak(FakeDevice(kind))
+  expected = (tflops * 1e12, tb_per_s * 1e12, gib * 2 ** 30)
+  assert (peak.flops, peak.hbm_bytes, peak.hbm_capacity) == pytest.approx(expected, rel=1e-12)
+  assert peak.source.startswith(("NVIDIA", "Cloud TPU docs")) and "http" in peak.source
+
+
+def test_no_peak_for_a_cpu():
+  assert flops.device_peak(FakeDevice("cpu")) is None

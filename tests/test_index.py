@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -381,6 +382,68 @@ def test_a_damaged_index_names_the_commands_that_rebuild_it(text_run, tmp_path, 
   again = index_search.Index(rebuilt).rank(query, 26, None)
   np.testing.assert_array_equal(again[0], expected[0])
   np.testing.assert_allclose(again[1], expected[1], atol=1e-6)
+
+
+def flip_byte(file):
+  """Inverts the last byte of `file` (a row's data in a .npy file)."""
+  with open(file, "r+b") as f:
+    last = os.pread(f.fileno(), 1, os.path.getsize(file) - 1)
+    os.pwrite(f.fileno(), bytes([last[0] ^ 0xFF]), os.path.getsize(file) - 1)
+
+
+# damage: the file named, and the words the line says
+SEARCH_DAMAGES = {
+    "a byte flipped in a shard": ("shards/000003/regions.npy", flip_byte, "does not match its checksum"),
+    "a byte flipped in pooled.npy": ("pooled.npy", flip_byte, "checksum differs"),
+    "a byte flipped in weights.npy": ("shards/000001/weights.npy", flip_byte, "checksum differs"),
+    "a byte flipped in times.npy": ("shards/000002/times.npy", flip_byte, "checksum differs"),
+    "a deleted shard": ("shards/000002", shutil.rmtree, "missing"),
+    "a shard file of mode 000": ("shards/000001/times.npy", lambda file: os.chmod(file, 0), "permission denied"),
+}
+
+
+@pytest.fixture(scope="module")
+def model_index(text_run, tmp_path_factory):
+  out = tmp_path_factory.mktemp("model_index") / "index"
+  build_index(text_run, out)
+  return out
+
+
+@pytest.mark.parametrize("name", list(SEARCH_DAMAGES))
+def test_search_on_a_damaged_index_exits_with_one_line_naming_the_file(model_index, text_run, tmp_path, capsys, name):
+  file, damage, words = SEARCH_DAMAGES[name]
+  out = tmp_path / "index"
+  shutil.copytree(model_index, out)
+  damage(str(out / file))
+  try:
+    if name.endswith("mode 000"):
+      try:
+        open(out / file, "rb").close()
+        pytest.skip("this process reads a file of mode 000 (root): test_index_store covers permission errors")
+      except PermissionError:
+        pass
+    with pytest.raises(SystemExit) as searched:
+      search.main(["--index", str(out), "--text", text_run["texts"][3], "--top-k", "3"])
+  finally:
+    if name.endswith("mode 000"):
+      os.chmod(out / file, 0o644)
+  message = str(searched.value.code)
+  assert searched.value.code not in (0, None) and message.startswith(f"varcmp search: {out / file}"), message
+  assert "\n" not in message and words in message and "Traceback" not in capsys.readouterr().err, message
+  assert ("rebuild" in message) != name.endswith("mode 000"), message
+
+
+def test_append_onto_a_damaged_index_refuses_before_it_writes(model_index, text_run, tmp_path):
+  out = tmp_path / "index"
+  shutil.copytree(model_index, out)
+  flip_byte(str(out / "shards" / "000001" / "regions.npy"))
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+  with pytest.raises(SystemExit) as appended:
+    build.main(index_args(text_run, out, text_run["extra"], "--append"))
+  message = str(appended.value.code)
+  assert message.startswith(f"varcmp index: {out}/shards/000001/regions.npy: ") and "\n" not in message
+  assert "rebuild it" in message and message.endswith("nothing was written"), message
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def test_shards_hold_what_fits_in_shard_mb(text_run, tmp_path):

@@ -55,12 +55,40 @@ def test_a_huge_claimed_shape_is_refused_before_allocating(tmp_path):
     npy_file.load(str(lying_npy(tmp_path / "long.npy", (2,))))
 
 
-def test_max_bytes_bounds_what_is_read(tmp_path):
+@pytest.mark.parametrize("shape", [(0, 10 ** 20), (10 ** 20,), (0, 2 ** 61, 2), (3, 0, 10 ** 30)])
+def test_a_shape_no_array_can_have_is_refused(tmp_path, shape):
+  """(0, 10**20) claims no data, so the size check alone passes it, and numpy then fails to build it ("Maximum
+  allowed dimension exceeded"): refused from the header, as numpy's bound (elements x item size within intp) says."""
+  path = lying_npy(tmp_path / "zero.npy", shape, data=b"")
+  for mmap in (False, True):
+    with pytest.raises(npy_file.NpyError) as error:
+      npy_file.load(str(path), mmap=mmap)
+    assert str(error.value) == f"zero.npy: damaged: its header's shape {shape} float32 is larger than any array can be"
+  # Just inside numpy's bound: an empty array of that shape, as np.load reads it.
+  inside = lying_npy(tmp_path / "inside.npy", (0, 2 ** 60), data=b"")
+  assert npy_file.load(str(inside)).shape == np.load(inside).shape == (0, 2 ** 60)
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+def test_max_bytes_bounds_what_is_read(tmp_path, mmap):
   np.save(tmp_path / "a.npy", np.zeros((30, 12), np.float32))      # 1440 bytes
-  assert npy_file.load(str(tmp_path / "a.npy"), max_bytes=1440).shape == (30, 12)
+  assert npy_file.load(str(tmp_path / "a.npy"), max_bytes=1440, mmap=mmap).shape == (30, 12)
   with pytest.raises(npy_file.NpyError,
                      match=r"a.npy: too large: shape \(30, 12\) float32 is 1,440 bytes, the limit is 1,000 bytes"):
-    npy_file.load(str(tmp_path / "a.npy"), max_bytes=1000)
+    npy_file.load(str(tmp_path / "a.npy"), max_bytes=1000, mmap=mmap)
+
+
+def test_a_memory_map_is_read_only_and_leaves_the_file_alone(tmp_path):
+  """The user's file is mapped read-only: writing through the array is refused, the bytes on disk never change."""
+  path = tmp_path / "a.npy"
+  np.save(path, np.arange(6, dtype=np.float32))
+  before = path.read_bytes()
+  mapped = npy_file.load(str(path), mmap=True)
+  assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+  with pytest.raises(ValueError, match="read-only"):
+    mapped[0] = 42.0
+  del mapped
+  assert path.read_bytes() == before
 
 
 class Payload:

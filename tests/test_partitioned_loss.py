@@ -17,6 +17,7 @@ from test_sharding import MESHES, load_config, random_batches, run_with_devices
 
 B, T, R, L, D = 40, 5, 3, 6, 8     # 5 videos per device on 8 devices
 CHUNK = 3                           # divides neither 5 nor 40: blocks overlap at the end on both
+FINE_CANDIDATES, FINE_SNIPPETS = 6, 3   # loss.fine_*: fewer queries than the batch's, fewer snippets than T
 EVAL_GALLERY = 29                   # not a multiple of 8: the gallery is padded
 
 
@@ -83,6 +84,7 @@ def loss_worker(out_dir: str):
       return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True, allow_int=True))
 
     want = loss_and_grads(None)(video, query, scales)
+    report.update(fine_report(task, config, video, query, labels, scales, exact=want[0]))
     for data, fsdp in MESHES:
       mesh = mesh_of(data, fsdp)
       rows = NamedSharding(mesh, P(("data", "fsdp")))
@@ -110,6 +112,32 @@ def loss_worker(out_dir: str):
   report["grad_cache"] = grad_cache_report()
   with open(f"{out_dir}/report.json", "w") as f:
     json.dump(report, f)
+
+
+def fine_report(task, config, video, query, labels, scales, exact):
+  """loss.fine_candidates / fine_snippets under the partitioned loss: each device chooses its videos' hardest queries
+  among all (gathered) ones and the rows reduce across devices; the loss and gradients equal one device's."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from varcmp_jax.alignment import losses
+  config = config.copy_and_resolve_references()
+  config.loss.fine_candidates, config.loss.fine_snippets = FINE_CANDIDATES, FINE_SNIPPETS
+
+  def loss_and_grads(mesh):
+    loss = lambda v, q, s: losses.varcmp_loss(v, q, labels, s, config, mesh)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True, allow_int=True))
+
+  want = loss_and_grads(None)(video, query, scales)
+  report = {f"{task} fine vs exact": max_difference(want[0], exact)}
+  for data, fsdp in ((8, 1), (2, 4)):
+    mesh = mesh_of(data, fsdp)
+    args = (*jax.device_put((video, query), NamedSharding(mesh, P(("data", "fsdp")))), scales)
+    compiled = loss_and_grads(mesh).lower(*args).compile()
+    (total, terms), grads = compiled(*args)
+    report[f"{task} fine {data}x{fsdp}"] = {
+        "loss": max_difference((total, terms), want[0]), "grads": max_difference(grads, want[1]),
+        "global_regions": f"f32[{B},{T},{R},{D}]" in compiled.as_text()}
+  return report
 
 
 def grad_cache_report():
@@ -171,6 +199,15 @@ def test_evaluation_splits_the_gallery_over_devices(report, task):
   assert entry["shape"] == [EVAL_GALLERY, EVAL_GALLERY]
   assert "combined" in entry["keys"] and len(entry["keys"]) == 4
   assert entry["sims"] < 1e-5, entry
+
+
+@pytest.mark.parametrize("task", ["text", "audio"])
+def test_partitioned_fine_candidates_and_snippets_equal_one_device(report, task):
+  for data, fsdp in ((8, 1), (2, 4)):
+    entry = report[f"{task} fine {data}x{fsdp}"]
+    assert entry["loss"] < 1e-5 and entry["grads"] < 1e-5, (data, fsdp, entry)
+    assert not entry["global_regions"]
+  assert report[f"{task} fine vs exact"] > 1e-3      # the switches did change the loss
 
 
 def test_grad_cache_step_is_partitioned_and_exact(report):

@@ -209,7 +209,12 @@ def broken_arrays(root):
       np.save(root / "i3d" / f"{video}__{crop}.npy", make(crop))
 
   good = lambda crop: rng.normal(size=(20, 24)).astype(np.float32)
-  # Hostile files: a header claiming 466 TiB over 1 KB, a pickled object array, random bytes, values of 1e38.
+  # Hostile files: a header claiming a shape no array can have (first: the probe of the release's width meets
+  # it), a header claiming 466 TiB over 1 KB, a pickled object array, random bytes, values of 1e38.
+  crops("Zero.Rows_label_A", good)
+  lying_npy(root / "i3d" / "Zero.Rows_label_A__0.npy", (0, 10 ** 20), data=b"")
+  cases["Zero.Rows_label_A"] = ("visual features unreadable: Zero.Rows_label_A__0.npy: damaged: its header's shape "
+                                "(0, 100000000000000000000) float32 is larger than any array can be")
   crops("Huge_label_A", good)
   lying_npy(root / "i3d" / "Huge_label_A__1.npy", (10 ** 12, 24))
   cases["Huge_label_A"] = ("visual features unreadable: Huge_label_A__1.npy: truncated: its header says shape "
@@ -275,6 +280,29 @@ def test_bad_arrays_are_skipped_with_their_reason(tmp_path, xd_release, capsys):
   summary = capsys.readouterr().out
   assert f"skipped {len(cases)} videos" in summary and "visual features non-finite" in summary
   assert not os.path.exists(Payload.marker)            # the pickle was refused, not loaded
+
+
+def test_a_shape_no_array_can_have_first_in_the_table_is_skipped(tmp_path, capsys):
+  """The first video's array claims shape (0, 10**20): that video is skipped with one line naming the file (the
+  probe of the release's width reads it first), and prep goes on with the others."""
+  root = tmp_path / "release"
+  for folder in ("lists", "i3d", "vggish", "prior"):
+    (root / folder).mkdir(parents=True)
+  videos = ["Zero.Rows_label_A", "Good.One_label_A", "Good.Two_label_B1-0-0"]
+  rng = np.random.default_rng(5)
+  for video in videos:
+    write_xd_arrays(root, video, 20, rng)
+  lying_npy(root / "i3d" / "Zero.Rows_label_A__3.npy", (0, 10 ** 20), data=b"")
+  (root / "lists" / "audio.list").write_text("".join(f"/x/{v}__vggish.npy\n" for v in videos))
+  (root / "lists" / "audio_test.list").write_text("")
+  out = tmp_path / "records"
+  assert prep.main(xd_args(root, out)) == 0
+  assert [r["video"] for r in read_records(str(out))["train"]] == videos[1:]
+  reason = ("visual features unreadable: Zero.Rows_label_A__3.npy: damaged: its header's shape "
+            "(0, 100000000000000000000) float32 is larger than any array can be")
+  assert json.loads((out / "manifest.json").read_text())["skipped"] == [{"video": videos[0], "reason": reason}]
+  captured = capsys.readouterr()
+  assert f"(e.g. {videos[0]}: {reason})" in captured.out and "Traceback" not in captured.err
 
 
 def test_a_prior_out_of_range_and_float16_overflow(tmp_path):

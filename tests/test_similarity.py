@@ -277,3 +277,25 @@ def test_bf16_runs_every_contraction_on_bf16_operands(task):
     assert count.executed > 0 and count.bf16_share == share, (precision, count.by_dtype)
   with pytest.raises(ValueError, match="precision"):
     similarity.level_similarities(v, w, query, task, precision="fp8")
+
+
+@pytest.mark.parametrize("task", ["text", "audio"])
+@pytest.mark.parametrize("devices", [1, 8], ids=["one_device", "gallery_on_8_devices"])
+@pytest.mark.parametrize("precision, expected", [("tf32", jax.lax.Precision.HIGH),
+                                                 ("highest", jax.lax.Precision.HIGHEST)])
+def test_the_precision_asked_for_reaches_every_contraction(task, devices, precision, expected):
+  # "tf32" is Precision.HIGH (TF32 on GPU, 3 bf16 passes on TPU), "highest" Precision.HIGHEST, read off every
+  # dot_general of the program, forward and backward; with the gallery split over 8 devices too, where each
+  # device's part runs in a shard_map that must be given the same precision (eval.precision on a multi-device
+  # host). The mesh is an AbstractMesh: tracing the shard_map needs its shape, not 8 devices.
+  v, w, t, a = to_jax(*make_inputs(num_videos=8))
+  query = t if task == "text" else a
+  mesh = None if devices == 1 else jax.sharding.AbstractMesh((devices,), ("data",))
+  def all_levels(v, query):
+    sims = similarity.level_similarities(v, w, query, task, chunk_size=2, mesh=mesh, precision=precision)
+    return sum(jnp.sum(s) for s in sims.values())
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(all_levels, argnums=(0, 1), allow_int=True))(v, query).jaxpr
+  precisions = list(dot_precisions(jaxpr))
+  assert len(precisions) >= 6
+  for pair in precisions:
+    assert pair == (expected, expected), pair

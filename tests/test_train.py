@@ -265,7 +265,7 @@ def test_training_never_imports_search_or_index():
 def test_train_sizes_the_word_budget_logs_mfu_and_follows_the_cache_switch(tmp_path, monkeypatch, capsys):
   """model.max_words = 0 becomes the records' longest caption (manifest.json), kept in config.json (a smaller
   budget: test_records_check); metrics.jsonl carries MFU where the device's peak is known; config.compilation_cache
-  reaches the cache."""
+  reaches the cache; the log gives the fine-grained levels' work per step."""
   import sys
   from varcmp_jax import compilation_cache, flops
   from varcmp_jax.train import train as train_lib
@@ -282,13 +282,57 @@ def test_train_sizes_the_word_budget_logs_mfu_and_follows_the_cache_switch(tmp_p
   config = load_config("tiny_text", "features")
   config.data.records, config.compilation_cache = str(records), False
   config.train.num_steps = config.train.log_every = 2
+  config.loss.fine_candidates = 4                           # and the log says what the fine-grained levels compute
   train_lib.train(config, str(tmp_path / "run"))
   assert switches == [False]
   assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["max_words"] == 3
-  assert "reads <BOS> + 3 words + <EOS> (the longest caption of the records)" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "reads <BOS> + 3 words + <EOS> (the longest caption of the records)" in out
+  assert "fine-grained levels (spatial): 8 videos x 4 queries x 4 snippets per step, 50% of the exact loss's" in out
   logged = read_steps_rows(tmp_path / "run")[-1]
   assert 0 < logged["mfu"] == pytest.approx(logged["tflops_per_s"], rel=1e-6)     # against a 1 TFLOP/s peak
 
 
 def read_steps_rows(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_ends_with_a_summary_line_and_a_finished_run_says_so(tmp_path, capsys):
+  """`varcmp train` closes with one line: the steps done, the final loss (metrics.jsonl's last row), the time,
+  and where the checkpoint and metrics are. The same command again has nothing to do: one line, exit 0, nothing
+  written."""
+  import re
+  import sys
+  from varcmp_jax.train import main as train_main_lib
+  sys.path.insert(0, str(ROOT / "tests"))
+  from test_checkpoint import write_feature_records
+  records = write_feature_records(tmp_path / "records")
+  run = tmp_path / "run"
+  argv = ["--config", str(ROOT / "configs" / "tiny_text.py") + ":features", "--workdir", str(run),
+          f"--config.data.records={records}", "--config.train.num_steps=3", "--config.train.warmup_steps=1"]
+  assert train_main_lib.train_main(argv) == 0
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  final = read_steps_rows(run)[-1]
+  assert final["step"] == 3
+  where = (f"checkpoint {run / 'checkpoints' / '3'}, metrics {run / 'metrics.jsonl'} (TensorBoard: "
+           f"{run / 'tensorboard'})")
+  assert re.fullmatch(rf"trained steps 1-3 of 3 in \d+ s, loss {final['loss']:.4f}; {re.escape(where)}", last), last
+  assert (run / "checkpoints" / "3").is_dir()
+
+  before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "writer.lock"}
+  assert train_main_lib.train_main(argv) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out[-1] == (f"nothing to train: {run} already holds step 3 of train.num_steps=3, loss {final['loss']:.4f} "
+                     f"(checkpoint {run / 'checkpoints' / '3'}, metrics {run / 'metrics.jsonl'}); to train longer, "
+                     "give a larger train.num_steps and a new --workdir")
+  assert not any(line.startswith("trained steps") for line in out)
+  after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "writer.lock"}
+  assert after == before                                   # no file written, none added
+
+
+def test_a_run_stopped_early_says_where_it_stopped():
+  from varcmp_jax.train import train as train_lib
+  line = train_lib.summary("/w", 4, 9, 40, 5.12341, 61.4)
+  assert line == ("stopped at step 9 of 40 after 5 steps in 61 s, loss 5.1234; checkpoint /w/checkpoints/9, metrics "
+                  "/w/metrics.jsonl (TensorBoard: /w/tensorboard); rerun the same command to go on")
+  assert train_lib.summary("/w", 0, 40, 40, None, 3).startswith("trained steps 1-40 of 40 in 3 s; checkpoint")

@@ -480,3 +480,22 @@ def test_word_budget_keeps_short_captions_and_cuts_long_ones_like_the_tokenizer(
   full = apply(model, params, {**batch, "tokens": tokens}, "encode_query")
   np.testing.assert_allclose(got.sentence[:2], full.sentence[:2], atol=1e-5)
   np.testing.assert_allclose(got.words[:2], np.asarray(full.words)[:2, :budget], atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1, 5])
+def test_fit_word_budget_at_every_length_around_the_budget(budget):
+  # Against ids cut by hand as CLIP's tokenizer cuts at its context length: <BOS>, the first `budget` words,
+  # <EOS>; zero padding after. Every caption length from 0 words to budget + 3, exactly budget + 1 included (the
+  # first one that is cut: its <EOS> sits just past the kept positions).
+  from varcmp_jax.model.varcmp import fit_word_budget
+  rng = np.random.RandomState(3)
+  lengths = list(range(budget + 4))
+  ids = np.zeros((len(lengths), 77), np.int32)
+  expected = np.zeros((len(lengths), budget + 2), np.int32)
+  for i, n in enumerate(lengths):
+    words = rng.randint(300, 40000, n)
+    ids[i, 0], ids[i, 1:1 + n], ids[i, 1 + n] = BOS, words, EOS
+    kept = min(n, budget)
+    expected[i, 0], expected[i, 1:1 + kept], expected[i, 1 + kept] = BOS, words[:kept], EOS
+  np.testing.assert_array_equal(fit_word_budget(jnp.asarray(ids), budget, EOS), expected)
+  assert fit_word_budget(jnp.asarray(ids), 0, EOS).shape == (len(lengths), 77)       # 0: no budget

@@ -165,6 +165,17 @@ def plan(config: ml_collections.ConfigDict, sweeps: list[str], variants: list[st
 # --- running -------------------------------------------------------------------------------------------
 
 
+def as_recorded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` as training records it in WORKDIR/config.json: model.max_words = 0 ("size it from the records")
+  resolved from the records, as `varcmp train` resolves it, so that rerunning the same command finds its own
+  finished runs. Records that cannot be read leave the config as given (training names the problem)."""
+  from varcmp_jax.train import train as train_lib      # jax is imported here, not started
+  try:
+    return train_lib.resolve_word_budget(config)[0]
+  except (OSError, ValueError, KeyError):
+    return config
+
+
 def run_variant(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming if interrupted) and evaluates one variant, holding its workdir's lock throughout;
   returns its eval.json contents."""
@@ -272,7 +283,7 @@ def main(argv: list[str]) -> int:
   try:
     planned = plan(config, values.sweep, values.variant)
     for variant, variant_cfg in planned:   # a rerun with another config fails before any training
-      workdir_lib.check_same_config(os.path.join(workdir, variant.dirname), variant_cfg, "reuse")
+      workdir_lib.check_same_config(os.path.join(workdir, variant.dirname), as_recorded(variant_cfg), "reuse")
   except (ValueError, workdir_lib.RunError) as e:
     raise SystemExit(f"varcmp ablate: {e}") from None
   try:

@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("varcmp_jax.export", "main", "trained workdir -> HF CLIPModel + safetensors heads"),
     "ablate": ("varcmp_jax.ablate", "main", "train and evaluate config sweeps, write ablation tables"),
     "demo": ("varcmp_jax.demo", "main", "synth -> prep -> train -> eval -> search on the default"),
+    "compile": ("varcmp_jax.pod.main", "main", "will it fit on the pod? the train step compiled for a TPU slice"),
 }
 
 

@@ -6,10 +6,12 @@
 
 `--config` takes a config file, or the name of a config the package ships (`synthetic`, `ucfcrime_ar:released`:
 the files of the repository's configs/ folder), which works from any directory. `--help` prints the usage and
-exits 0; every problem with the flags or the config file exits with one line naming the flag, file or field.
+exits 0; every problem with the flags or the config file exits with one line naming the flag, file or field (a
+variant the config file does not know, `--config synthetic:nope`, with exit status 2, as a bad argument).
 """
 import os
 import pathlib
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -50,13 +52,59 @@ def resolve_config(spec: str) -> str:
 
 def load_config_file(path: str, overrides=()):
   """The ConfigDict of `path[:arg]` (a file or a bundled name) with `--config.x.y=value` overrides applied (not
-  validated)."""
+  validated). ValueError with the file's own one-line message for a variant its get_config refuses (the caller
+  names the --config it was given)."""
   argv = ["varcmp", f"--config={resolve_config(path)}", *overrides]
   values = flags.FlagValues()
   # sys_argv: config_flags finds the overrides there (default: sys.argv, not the argv parsed below).
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, sys_argv=argv)
-  values(argv)
+  try:
+    values(argv)
+  except flags.Error as e:
+    refused = config_file_error(e)
+    if refused is None:
+      raise
+    raise ValueError(one_line_text(refused)) from None
   return values.config
+
+
+# How ml_collections starts the ValueError it raises in place of the one a config file's get_config raised: the
+# config's own error is kept only as the traceback text of that message (and as the exception's context).
+_CONFIG_FILE_FAILED = "Error whilst parsing config file"
+
+
+def config_file_error(error: BaseException) -> BaseException | None:
+  """The exception the config file's own get_config raised (e.g. its ValueError for a variant it does not
+  know: `synthetic:nope`), when `error` is absl's flag error wrapping ml_collections' report of it; else None."""
+  chain = []
+  while error is not None and len(chain) < 10:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  if len(chain) > 1 and any(str(e).startswith(_CONFIG_FILE_FAILED) for e in chain[:-1]):
+    return chain[-1]
+  return None
+
+
+def one_line_text(error: BaseException) -> str:
+  return " ".join(str(error).split())[:300] or type(error).__name__
+
+
+class UsageError(SystemExit):
+  """A bad argument: exit status 2, as argparse's; str() is the message (for callers that catch it)."""
+
+  def __init__(self, message: str):
+    super().__init__(2)
+    self.message = message
+
+  def __str__(self):
+    return self.message
+
+
+def usage_error(message: str) -> UsageError:
+  """UsageError(message) to raise, its message printed on stderr now: a SystemExit with a status code prints
+  nothing when it ends the program."""
+  print(message, file=sys.stderr, flush=True)
+  return UsageError(message)
 
 
 def flag_value(argv: list[str], name: str) -> str | None:
@@ -168,6 +216,9 @@ def parse_flags(argv: list[str], prog: str, usage: str | None = None, define_ext
     # ml_collections reports an override of an unknown field (--config.x.nope=1) this way.
     raise SystemExit(f"{prog}: {unknown_override(argv, base) or e}") from None
   except (flags.Error, TypeError) as e:
+    refused = config_file_error(e)
+    if refused is not None:    # a variant the config file does not know (`synthetic:nope`): its own one line
+      raise usage_error(f"{prog}: --config {given}: {one_line_text(refused)}") from None
     raise SystemExit(f"{prog}: {e}\n{usage}") from None
   except Exception as e:  # pylint: disable=broad-except  # the config file's own code failed to import / run
     cause = e.__cause__ or e

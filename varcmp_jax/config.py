@@ -10,6 +10,11 @@ import ml_collections
 TEXT_LEVELS = ("video", "frame", "spatial")
 AUDIO_LEVELS = ("semantic", "temporal", "spatial")
 TASK_LEVELS = {"text": TEXT_LEVELS, "audio": AUDIO_LEVELS}
+# The coarse levels compare one vector per video with one per query (O(Q G D)); the fine-grained levels compare
+# snippets or regions (O(Q G T R L D)), the ones loss.fine_candidates / loss.fine_snippets bound. COARSE_SELECTION is
+# the coarse level whose similarity picks each video's hardest queries.
+COARSE_LEVELS = {"text": ("video", "frame"), "audio": ("semantic",)}
+COARSE_SELECTION = {"text": "video", "audio": "semantic"}
 # Names of the two retrieval directions, query -> gallery first.
 TASK_DIRECTIONS = {"text": ("text_to_video", "video_to_text"), "audio": ("audio_to_video", "video_to_audio")}
 
@@ -98,6 +103,12 @@ def default_config(task: str = "text", regime: str = "frames") -> ml_collections
       # accumulation; tensor-core speed), "tf32" (float32 operands at Precision.HIGH: TF32 on GPU, 3 bf16 passes
       # on TPU) or "highest" (exact float32). Evaluation, index and search always rank at "highest".
       precision="bf16",
+      # The fine-grained levels (text: spatial; audio: temporal, spatial) at large batch (SPEC section 2). 0 = exact.
+      # fine_candidates = M: each video's InfoNCE over its own query and its M - 1 hardest queries by the coarse
+      # similarity (COARSE_SELECTION), each query's over the videos that chose it; work B x M pairs, not B x B.
+      # fine_snippets = k: each video's k snippets of largest w_t (weights renormalized over them).
+      fine_candidates=0,
+      fine_snippets=0,
   ))
   # precision: of the ranking contractions (loss.precision's choices); "highest" ranks exactly.
   c.eval = ml_collections.ConfigDict(dict(chunk_size=64, batch_size=32, precision="highest"))
@@ -140,6 +151,16 @@ def stored_video_width(model_cfg) -> int:
 def uses_regions(config) -> bool:
   """Whether the config needs region tokens r_tk: only the spatial level reads them."""
   return float(config.loss.levels.get("spatial", 0.0)) != 0.0
+
+
+def fine_candidates(config) -> int:
+  """loss.fine_candidates (0 for configs written before the field)."""
+  return int(config.loss.get("fine_candidates", 0))
+
+
+def fine_snippets(config) -> int:
+  """loss.fine_snippets (0 for configs written before the field)."""
+  return int(config.loss.get("fine_snippets", 0))
 
 
 PRIOR_SOURCES = ("head", "external", "mean")
@@ -185,6 +206,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check(weight >= 0, f"loss.levels.{name}={weight}: weights must be >= 0")
   check(any(w > 0 for w in config.loss.levels.values()), "loss.levels: at least one level needs a weight > 0")
   check(config.loss.mil >= 0, f"loss.mil={config.loss.mil}: must be >= 0")
+  candidates, snippets = fine_candidates(config), fine_snippets(config)
+  check(candidates == 0 or candidates >= 2, f"loss.fine_candidates={candidates}: must be 0 (every video of the batch) "
+        "or >= 2 (a video's own query and at least one negative)")
+  check(snippets >= 0, f"loss.fine_snippets={snippets}: must be >= 0 (0: every snippet)")
   for group in ("loss", "eval"):
     precision = config[group].get("precision", "highest")
     check(precision in LOSS_PRECISIONS, f"{group}.precision={precision!r}: must be one of {LOSS_PRECISIONS}")

@@ -8,10 +8,16 @@ each has its own records and run directory. Every stage resumes: a second call r
 and the trained checkpoints. A small --videos trains on batches of as many videos as the train split holds.
 A rerun repeats every figure bit for bit on the same machine with the same number of cores; other core counts and
 machines round differently (README, "The demo").
+
+The commands it suggests at the end run as printed: they name the `varcmp` that is running by its path when the
+shell would not find it (`.venv/bin/varcmp` after `make demo`, where the environment is not activated).
 """
 import argparse
+import os
 import pathlib
 import shlex
+import shutil
+import sys
 import time
 
 CONFIG = "synthetic"   # the bundled configs/synthetic.py, found from any directory (command_flags.resolve_config)
@@ -58,25 +64,68 @@ def search_example(run, videos: pathlib.Path, records_dir: str, split: str, meta
           f"\nground truth: {metadata[target]['video']}, event {event[0]:.1f}-{event[1]:.1f} s")
 
 
+def as_typed(path: str) -> str:
+  """`path` as one types it to run it from here: relative to the current directory when under it (with a slash,
+  so that the shell does not search PATH), else absolute."""
+  shown = os.path.relpath(path)
+  if shown.startswith(os.pardir):
+    return os.path.abspath(path)
+  return shown if os.sep in shown else os.path.join(os.curdir, shown)
+
+
+def environment_bin() -> str | None:
+  """Where the running `varcmp` and its environment's programs (pip) are, as a prefix to type before their names:
+  "" when PATH finds that varcmp, else its folder (".venv/bin/" after `make demo`); None where no `varcmp` entry
+  point is installed. The running one is sys.argv[0] (the command line), else the one beside this Python
+  (demo.main called from Python)."""
+  running = [sys.argv[0]] if os.path.basename(sys.argv[0]) == "varcmp" else []
+  for candidate in running + [os.path.join(os.path.dirname(sys.executable), "varcmp")]:
+    if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+      on_path = shutil.which("varcmp")
+      if on_path and os.path.samefile(on_path, candidate):
+        return ""
+      return os.path.join(os.path.dirname(as_typed(candidate)), "")
+  return None
+
+
+def commands(bin_prefix: str | None) -> dict[str, str]:
+  """How to type varcmp, pip and tensorboard of this environment (`bin_prefix`: environment_bin())."""
+  if bin_prefix is None:
+    python = shlex.quote(as_typed(sys.executable))
+    return {"varcmp": f"{python} -m varcmp_jax.cli", "pip": f"{python} -m pip",
+            "tensorboard": f"{python} -m tensorboard.main"}
+  return {name: shlex.quote(bin_prefix + name) for name in ("varcmp", "pip", "tensorboard")}
+
+
 def next_steps(task: str, root: pathlib.Path, records: pathlib.Path, run: pathlib.Path, videos: pathlib.Path,
-               example_video: str) -> list[str]:
-  """The commands to try next, as printed at the end of the demo."""
+               example_video: str, typed: dict[str, str] | None = None) -> list[str]:
+  """The commands to try next, as printed at the end of the demo; `typed`: how to type each program
+  (commands(); default: their names). TensorBoard is not a dependency: its line installs it first."""
   q = lambda p: shlex.quote(str(p))
+  typed = typed or commands("")
+  varcmp = typed["varcmp"]
   if task == "text":
     query = "--text 'a red circle grows in the top left corner' --plot hits.png"
   else:
     query = f"--audio {q(videos / example_video)}"
-  lines = [f"varcmp search --workdir {q(run)} --gallery {q(records)} {query}",
-           f"varcmp search --workdir {q(run)} --gallery {q(records)} --localization",
-           f"varcmp eval --workdir {q(run)}",
-           f"varcmp export --workdir {q(run)} --out {q(root / ('export' if task == 'text' else 'export_audio'))}",
-           f"tensorboard --logdir {q(run / 'tensorboard')}"]
+  lines = [f"{varcmp} search --workdir {q(run)} --gallery {q(records)} {query}",
+           f"{varcmp} search --workdir {q(run)} --gallery {q(records)} --localization",
+           f"{varcmp} eval --workdir {q(run)}",
+           f"{varcmp} export --workdir {q(run)} --out {q(root / ('export' if task == 'text' else 'export_audio'))}",
+           f"{typed['pip']} install tensorboard && {typed['tensorboard']} --logdir {q(run / 'tensorboard')}"]
   other = "audio" if task == "text" else "text"
-  lines.append(f"varcmp demo --task {other} --workdir {q(root)}      # the {other} -> video half")
+  lines.append(f"{varcmp} demo --task {other} --workdir {q(root)}      # the {other} -> video half")
   index = root / ("index" if task == "text" else "index_audio")
-  lines += [f"varcmp index --workdir {q(run)} --records {q(records)} --out {q(index)}",
-            f"varcmp serve --index {q(index)} --videos {q(videos)}      # the search page: http://127.0.0.1:8000"]
+  lines += [f"{varcmp} index --workdir {q(run)} --records {q(records)} --out {q(index)}",
+            f"{varcmp} serve --index {q(index)} --videos {q(videos)}      # the search page: http://127.0.0.1:8000"]
   return lines
+
+
+def next_heading(bin_prefix: str | None) -> str:
+  """"next:", and how to put varcmp on PATH when the commands name it by its path (a virtual environment's)."""
+  if bin_prefix and os.path.isfile(os.path.join(bin_prefix, "activate")):
+    return f"next (or `source {shlex.quote(os.path.join(bin_prefix, 'activate'))}` first, then plain `varcmp ...`):"
+  return "next:"
 
 
 def main(argv: list[str]) -> int:
@@ -145,6 +194,7 @@ def main(argv: list[str]) -> int:
   print(f"{forward} R@1 = {result[forward]['R1']:.1f}%, {result[forward]['R1'] / chance:.1f} times chance")
   print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {time.time() - start:.0f}s")
   print(f"workdir: {root} (eval.json, metrics.jsonl, tensorboard/ under {run})")
-  print("\nnext:\n" + "\n".join(f"  {line}" for line in next_steps(args.task, root, records_dir, run, videos,
-                                                                     metadata[0]["video"])))
+  bin_prefix = environment_bin()
+  lines = next_steps(args.task, root, records_dir, run, videos, metadata[0]["video"], commands(bin_prefix))
+  print(f"\n{next_heading(bin_prefix)}\n" + "\n".join(f"  {line}" for line in lines))
   return 0

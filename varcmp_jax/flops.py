@@ -171,32 +171,56 @@ def count_jaxpr(closed, platform: str | None = None) -> Count:
 
 @dataclasses.dataclass(frozen=True)
 class Peak:
-  flops: float            # dense bf16 matmul FLOP/s (datasheet, no sparsity)
-  hbm_bytes: float        # memory bandwidth, bytes/s
+  """A chip's datasheet figures."""
+  flops: float              # dense bf16 matmul FLOP/s (datasheet, no sparsity)
+  hbm_bytes: float          # memory bandwidth, bytes/s
+  hbm_capacity: float = 0   # memory per chip, bytes (varcmp compile's "fits"); 0: not known
+  source: str = ""          # where the three figures come from
 
 
-# jax's device_kind -> datasheet peaks; the first pattern contained in the kind wins (PCIe before SXM).
+_GIB = 2 ** 30
+# Capacities in GiB: the datasheets' "GB" of HBM are binary (TPU v4's page writes 32 GiB; for a v5e's "16 GB" the
+# TPU compiler offers 15.75 GiB, more than 16e9 bytes; 31.25 of a v6e's 32, 30.75 of a v4's 32 and 95.74 GiB on a
+# v5p, whose "95 GB" is so a little conservative). NVIDIA's bf16 figures are quoted "with sparsity": halved here.
+_TPU_DOCS = "Cloud TPU docs, system architecture, https://cloud.google.com/tpu/docs/"
+_H100 = "NVIDIA H100 Tensor Core GPU datasheet, https://www.nvidia.com/en-us/data-center/h100/"
+_A100 = "NVIDIA A100 datasheet, https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/" \
+        "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf"
+# jax's device_kind -> datasheet figures; the first pattern contained in the kind wins (so the more specific
+# pattern comes first: "H100 PCIe" and "H100 NVL" before "H100", "GH200" before "H200").
 PEAKS = (
-    ("H100 PCIe", Peak(756e12, 2.0e12)),
-    ("H100", Peak(989e12, 3.35e12)),
-    ("H200", Peak(989e12, 4.8e12)),
-    ("GH200", Peak(989e12, 4.0e12)),
-    ("B200", Peak(2250e12, 8.0e12)),
-    ("A100-SXM4-80GB", Peak(312e12, 2.039e12)),
-    ("A100", Peak(312e12, 1.555e12)),
-    ("L4", Peak(121e12, 0.3e12)),
-    ("TPU v4", Peak(275e12, 1.2e12)),
-    ("TPU v5 lite", Peak(197e12, 0.819e12)),
-    ("TPU v5e", Peak(197e12, 0.819e12)),
-    ("TPU v5", Peak(459e12, 2.765e12)),       # v5p
-    ("TPU v6 lite", Peak(918e12, 1.64e12)),   # v6e (Trillium)
+    ("H100 PCIe", Peak(756e12, 2.0e12, 80 * _GIB, f"{_H100}: H100 PCIe, bf16 1,513 TFLOPS sparse, 80 GB, 2 TB/s")),
+    ("H100 NVL", Peak(835e12, 3.9e12, 94 * _GIB, f"{_H100}: H100 NVL, bf16 1,671 TFLOPS sparse, 94 GB, 3.9 TB/s")),
+    ("H100", Peak(989e12, 3.35e12, 80 * _GIB, f"{_H100}: H100 SXM, bf16 1,979 TFLOPS sparse, 80 GB, 3.35 TB/s")),
+    ("GH200", Peak(989e12, 4.0e12, 96 * _GIB, "NVIDIA GH200 Grace Hopper Superchip datasheet, "
+                                              "https://www.nvidia.com/en-us/data-center/grace-hopper-superchip/: "
+                                              "96 GB HBM3, 4 TB/s")),
+    ("H200", Peak(989e12, 4.8e12, 141 * _GIB, "NVIDIA H200 datasheet, https://www.nvidia.com/en-us/data-center/h200/: "
+                                              "H200 SXM, bf16 1,979 TFLOPS sparse, 141 GB, 4.8 TB/s")),
+    ("B200", Peak(2250e12, 8.0e12, 180 * _GIB, "NVIDIA DGX B200 datasheet, https://www.nvidia.com/en-us/data-center/"
+                                               "dgx-b200/: 1,440 GB HBM3e for 8 GPUs, 8 TB/s each; HGX B200 bf16 "
+                                               "4.5 PFLOPS sparse")),
+    ("A100-SXM4-80GB", Peak(312e12, 2.039e12, 80 * _GIB, f"{_A100}: A100 80GB SXM, bf16 312 TFLOPS, 2,039 GB/s")),
+    ("A100 80GB PCIe", Peak(312e12, 1.935e12, 80 * _GIB, f"{_A100}: A100 80GB PCIe, bf16 312 TFLOPS, 1,935 GB/s")),
+    ("A100", Peak(312e12, 1.555e12, 40 * _GIB, f"{_A100}: A100 40GB, bf16 312 TFLOPS, 1,555 GB/s")),
+    ("L4", Peak(121e12, 0.3e12, 24 * _GIB, "NVIDIA L4 datasheet, https://www.nvidia.com/en-us/data-center/l4/: "
+                                           "bf16 242 TFLOPS sparse, 24 GB, 300 GB/s")),
+    ("TPU v4", Peak(275e12, 1.2e12, 32 * _GIB, f"{_TPU_DOCS}v4: 275 TFLOPS bf16, HBM2 32 GiB, 1200 GBps per chip")),
+    ("TPU v5 lite", Peak(197e12, 0.819e12, 16 * _GIB, f"{_TPU_DOCS}v5e: 197 TFLOPS bf16, HBM2 16 GB, 819 GBps")),
+    ("TPU v5e", Peak(197e12, 0.819e12, 16 * _GIB, f"{_TPU_DOCS}v5e: 197 TFLOPS bf16, HBM2 16 GB, 819 GBps")),
+    ("TPU v5", Peak(459e12, 2.765e12, 95 * _GIB, f"{_TPU_DOCS}v5p: 459 TFLOPS bf16, HBM2e 95 GB, 2765 GBps")),
+    ("TPU v6 lite", Peak(918e12, 1.638e12, 32 * _GIB, f"{_TPU_DOCS}v6e: 918 TFLOPS bf16, HBM 32 GB, 1638 GBps")),
 )
+
+
+def peak_of_kind(kind: str) -> Peak | None:
+  """The datasheet figures of a device_kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite"), None when unknown."""
+  return next((peak for pattern, peak in PEAKS if pattern in kind), None)
 
 
 def device_peak(device=None) -> Peak | None:
   """The datasheet peaks of `device` (default: the first device), None when unknown (a CPU)."""
-  kind = (device or jax.devices()[0]).device_kind
-  return next((peak for pattern, peak in PEAKS if pattern in kind), None)
+  return peak_of_kind((device or jax.devices()[0]).device_kind)
 
 
 def mfu(flops_per_step: float, step_seconds: float, peak: Peak | None, devices: int = 1) -> float | None:

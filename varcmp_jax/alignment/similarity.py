@@ -240,6 +240,61 @@ def audio_spatial_level(video: VideoEmbeddings, weights: jax.Array, query: Audio
   return _blockwise_matrix(block, query.segments.shape[0], video.regions.shape[0], chunk_size)
 
 
+# --- pairs (the loss's fine-grained levels on chosen candidates) -------------------------------------
+
+
+def _gather_queries(query: TextEmbeddings | AudioEmbeddings, rows: jax.Array, snippet_index: jax.Array | None):
+  """The query rows of `rows` (g, M) as (g, M, ...); audio segments taken at each video's snippets (g, k) too."""
+  if snippet_index is None or isinstance(query, TextEmbeddings):
+    return jax.tree_util.tree_map(lambda x: x[rows], query)
+  at = (rows[:, :, None], snippet_index[:, None, :])      # (g, M, 1) x (g, 1, k): u_i at video j's snippets
+  return AudioEmbeddings(segments=query.segments[at], mask=query.mask[at])
+
+
+def _one_video_fine_level(level: str, task: str, precision: str):
+  """S_level of one video against M queries: (video fields without the video axis, its M queries) -> (M,).
+
+  It runs the matrix blocks above with a block of one video, so a pair is scored by the very same formula as
+  in the (Q, G) matrix; vmapped over the videos of a block, their contractions become one batched dot.
+  """
+  def score(frames, regions, mask, weights, queries):
+    one = lambda x: x[None]
+    if task == "text":      # the spatial level: the only fine-grained text level
+      words = l2_normalize(queries.words, queries.word_mask)
+      regions = l2_normalize(regions, mask[:, None])
+      return _text_spatial_block(one(regions), one(mask), one(weights), words, queries.word_mask, precision)[:, 0]
+    segments = l2_normalize(queries.segments, queries.mask)
+    if level == "temporal":
+      frames = l2_normalize(frames, mask) * _valid_weights(weights, mask)[:, None]
+      return contract("qtd,gtd->qg", segments, one(frames), precision)[:, 0]
+    regions = l2_normalize(regions, mask[:, None])
+    return _audio_spatial_block(one(regions), one(mask), one(weights), segments, precision)[:, 0]
+  return score
+
+
+def pair_similarities(video: VideoEmbeddings, weights: jax.Array, query: TextEmbeddings | AudioEmbeddings,
+                      candidates: jax.Array, task: str, levels: tuple[str, ...], chunk_size: int | None = None,
+                      precision: str = "highest", snippet_index: jax.Array | None = None) -> dict[str, jax.Array]:
+  """{level: (G, M)}, entry (j, m) = S_level(query candidates[j, m], video j), for fine-grained levels.
+
+  candidates: (G, M) query rows per video. snippet_index: (G, k) the snippets `video` was cut to (selection.
+  top_snippets), by which an audio query's segments are taken so that u_t meets f_t of the same snippet; None when
+  the video keeps its T snippets. Blocks of max(1, chunk_size^2 // M) videos, so a block holds as many pairs as a
+  chunk_size x chunk_size block of the matrix levels, and as little memory.
+  """
+  num_videos, m = candidates.shape
+  block_videos = max(1, chunk_size * chunk_size // m) if chunk_size else None
+  def level_pairs(level):
+    score = jax.vmap(_one_video_fine_level(level, task, precision))
+    def block(start, length):
+      take = _take(start, length)
+      regions = None if video.regions is None else take(video.regions)
+      queries = _gather_queries(query, take(candidates), None if snippet_index is None else take(snippet_index))
+      return score(take(video.frames), regions, take(video.mask), take(weights), queries)
+    return _blockwise(block, num_videos, block_videos, axis=0)
+  return {level: level_pairs(level) for level in levels}
+
+
 # --- blocks -------------------------------------------------------------------------------------------
 
 

@@ -39,6 +39,10 @@ def _header(f, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise NpyError(f"{label}: not a .npy array file (bad header: {' '.join(str(e).split())[:120]})") from None
   if any(n < 0 for n in shape):
     raise NpyError(f"{label}: not a .npy array file (negative shape {shape} in the header)")
+  # numpy's own bound on an array's shape, zero-length arrays included: (0, 10**20) holds no data, so the size
+  # check passes it, and numpy would then raise "Maximum allowed dimension exceeded" building it.
+  if math.prod(n for n in shape if n) * max(dtype.itemsize, 1) > np.iinfo(np.intp).max:
+    raise NpyError(f"{label}: damaged: its header's shape {tuple(shape)} {dtype} is larger than any array can be")
   return tuple(shape), fortran_order, dtype
 
 

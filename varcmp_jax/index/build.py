@@ -7,7 +7,7 @@
 
 The split is embedded slice by slice, a slice being as many videos as fit in --shard-mb on disk (within a slice,
 eval batches, so memory is one batch whatever the shard or split size), and each slice becomes one shard of the
-index (varcmp_jax.index.store), streamed to disk as its batches arrive. --storage says how the per-snippet
+index (varcmp_jax.index.writer), streamed to disk as its batches arrive. --storage says how the per-snippet
 vectors are kept (index.codec: int4 by default for vectors at least 256 wide). Running the same command again
 after a kill resumes at the first slice not committed; --append adds another records directory or split,
 embedded by the same run and checkpoint. --verify checks an index's files, checksums and rows. Runs in one
@@ -24,9 +24,11 @@ import tqdm
 
 from varcmp_jax import evaluate, hits
 from varcmp_jax.data import pipeline
-from varcmp_jax.index import codec
+from varcmp_jax.index import codec, verify as verify_lib, writer as writer_lib
+from varcmp_jax.index import layout as layout_lib
 from varcmp_jax.index import levels as levels_lib
-from varcmp_jax.index import store
+from varcmp_jax.index import manifest as manifest_lib
+from varcmp_jax.index.errors import StoreError
 
 
 def header(run) -> dict:
@@ -46,12 +48,12 @@ def slice_metadata(records: str, split: str, start: int, stop: int, snippets: in
 
 def planned_layout(config, storage: str) -> dict:
   """The layout of an index of `config`'s videos, as far as the config tells it (regions assumed present)."""
-  return store.layout_of(config.data.snippets, config.model.clip.projection_dim,
+  return layout_lib.layout_of(config.data.snippets, config.model.clip.projection_dim,
                          len(levels_lib.POOLED_LEVELS[config.task]), config.model.region_grid ** 2, storage)
 
 
 def build(run, records: str, out: str, split: str, append: bool = False, shard_size: int | None = None,
-          shard_bytes: int = store.DEFAULT_SHARD_BYTES, storage: str | None = None) -> dict:
+          shard_bytes: int = layout_lib.DEFAULT_SHARD_BYTES, storage: str | None = None) -> dict:
   """Embeds `split` of `records` with `run` into the index `out` (created, resumed or appended to).
 
   shard_size: videos per shard; None: as many as fit in shard_bytes. storage: codec.STORAGES or "auto" (None:
@@ -64,20 +66,21 @@ def build(run, records: str, out: str, split: str, append: bool = False, shard_s
   if not total:
     raise ValueError(f"{records}: split {split!r} has no records")
 
-  with store.IndexWriter(out, header(run), append, storage, config.model.clip.projection_dim) as writer:
+  with writer_lib.IndexWriter(out, header(run), append, storage, config.model.clip.projection_dim,
+                              progress=True) as writer:
     prepare = jax.jit(lambda video: levels_lib.index_arrays(video, *levels_lib.snippet_weights(video, config),
                                                             config.task, writer.storage))
-    per_shard = shard_size or store.videos_per_shard(planned_layout(config, writer.storage), shard_bytes)
+    per_shard = shard_size or layout_lib.videos_per_shard(planned_layout(config, writer.storage), shard_bytes)
     before = writer.videos
     source = writer.add_source({"records": os.path.realpath(records), "split": split,
                                 "fingerprint": pipeline.manifest_sha256(records), "videos": total,
                                 "slices": math.ceil(total / per_shard)}, append)
     slices = writer.manifest["sources"][source]["slices"]     # as first written, when resuming
     pending = writer.pending_slices(source)
-    todo = sum(stop - start for start, stop in (store.slice_bounds(total, slices, i) for i in pending))
+    todo = sum(stop - start for start, stop in (writer_lib.slice_bounds(total, slices, i) for i in pending))
     with tqdm.tqdm(total=total, initial=total - todo, desc=f"index {split}", unit="video") as bar:
       for i in pending:
-        start, stop = store.slice_bounds(total, slices, i)
+        start, stop = writer_lib.slice_bounds(total, slices, i)
         metadata = slice_metadata(records, split, start, stop, config.data.snippets)
         shard = writer.shard(source, i, start, stop)
         expected = start
@@ -111,10 +114,10 @@ def _size(path: str) -> int:
 def verify(path: str) -> int:
   """`varcmp index --verify INDEX`: every problem on its own line (stderr), exit status 1 if any."""
   try:
-    manifest = store.read_manifest(path)
-    problems = store.check(path, manifest, full=True, progress=True)
-  except store.StoreError as e:
-    problems = [str(e)]
+    manifest = manifest_lib.read(path)
+    problems = verify_lib.check(path, manifest, full=True, progress=True)
+  except StoreError as e:
+    problems = [e]
   if problems:
     print("\n".join(f"varcmp index: {problem}" for problem in problems), file=sys.stderr)
     return 1
@@ -135,7 +138,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--storage", choices=("auto",) + codec.STORAGES, default=None,
                       help="per-snippet vectors: int4/int8 codes with a scale each, or float16 (default: the "
                            f"index's own; auto for a new one: int4 at widths >= {codec.AUTO_INT4_DIM}, else float16)")
-  parser.add_argument("--shard-mb", type=float, default=store.DEFAULT_SHARD_BYTES / 2**20,
+  parser.add_argument("--shard-mb", type=float, default=layout_lib.DEFAULT_SHARD_BYTES / 2**20,
                       help="disk size of a shard, MiB (default %(default)g; a resume re-embeds one)")
   parser.add_argument("--shard-size", type=int, default=None, help="videos per shard (instead of --shard-mb)")
   args = parser.parse_args(argv)
@@ -151,7 +154,7 @@ def main(argv: list[str]) -> int:
 
   from varcmp_jax import trained  # pylint: disable=g-import-not-at-top
   try:
-    store.check_out(args.out, args.append)      # before the model loads
+    writer_lib.check_out(args.out, args.append)      # before the model loads
     run = trained.load(args.workdir, args.step)
     result = build(run, args.records, args.out, args.split or run.config.data.eval_split, args.append,
                    args.shard_size, int(args.shard_mb * 2**20), args.storage)

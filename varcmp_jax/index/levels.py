@@ -39,7 +39,7 @@ def snippet_weights(video: VideoEmbeddings, config) -> tuple[jax.Array, jax.Arra
 
 
 def index_arrays(video: VideoEmbeddings, prior: jax.Array, weights: jax.Array, task: str, storage: str) -> dict:
-  """What an index stores of a batch of videos: pooled (B, P, D) float32 and the shard files of store.files but
+  """What an index stores of a batch of videos: pooled (B, P, D) float32 and the shard files of layout.files but
   times: normalized f_t and regions (absent without region tokens) encoded as `storage` (codec.encode: the
   codes under the field's name, their other arrays under its name plus a suffix), w_t, prior, mask."""
   mask = video.mask

@@ -31,14 +31,16 @@ from varcmp_jax import hits as hits_lib
 from varcmp_jax.alignment import similarity
 from varcmp_jax.alignment.embeddings import AudioEmbeddings, TextEmbeddings, VideoEmbeddings
 from varcmp_jax.index import codec
+from varcmp_jax.index import layout as layout_lib
 from varcmp_jax.index import levels as levels_lib
-from varcmp_jax.index import store
+from varcmp_jax.index import reader as reader_lib
+from varcmp_jax.index.errors import StoreError
 
 DEFAULT_CHUNK_BYTES = 32 << 20
 MAX_BLOCK = 512
 READERS, READ_AHEAD = 4, 8
 REFINE = 100       # int4: the candidates scored again on their exact codes after the coarse pass
-VECTOR_FIELDS = ("frames", "regions")
+VECTOR_FIELDS = layout_lib.VECTOR_FIELDS
 
 
 class TopK:
@@ -63,10 +65,12 @@ class TopK:
 
 class Index:
   """An index opened for search. `chunk_bytes` bounds the working memory of a window of pooled rows and of a
-  block of stage-2 rows (as float32)."""
+  block of stage-2 rows (as float32). Opening checks the index, and every row stage 2 reads is checked as it is
+  read (index.reader; verify_reads=False only to measure what that costs): a damaged or unreadable index raises
+  IndexDamaged or IndexUnreadable (errors.StoreError), never answers silently."""
 
-  def __init__(self, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-    self.store = store.IndexReader(path)
+  def __init__(self, path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, verify_reads: bool = True):
+    self.store = reader_lib.IndexReader(path, verify_rows=verify_reads)
     self.path, self.manifest = self.store.path, self.store.manifest
     manifest, layout = self.manifest, self.store.layout
     self.task = manifest["task"]
@@ -76,8 +80,8 @@ class Index:
     known = self.pooled_levels + self.snippet_levels
     missing = levels_lib.unscorable(self.lambdas, self.task, self.pooled_levels, layout["regions"] > 0)
     if missing:
-      raise store.StoreError(f"{self.path}: levels {missing} have a weight but the index cannot score them "
-                             f"(no region tokens); it scores {known}")
+      raise StoreError(f"{self.path}: levels {missing} have a weight but the index cannot score them "
+                       f"(no region tokens); it scores {known}")
     self.level_order = tuple(name for name in config_lib.TASK_LEVELS[self.task] if name in known)
     self.storage = self.store.storage
     self.files = self._files({f for name in self.snippet_levels for f in levels_lib.SNIPPET_LEVEL_FIELDS[name]})
@@ -181,7 +185,7 @@ class Index:
       if not np.isfinite(value).all():
         row = int(rows[np.argmin(np.isfinite(value))])
         shard = self.store.manifest["shards"][int(self.store.locate([row])[0][0])]["name"]
-        raise self.store.damaged(os.path.join(self.path, store.SHARDS, shard),
+        raise self.store.damaged(os.path.join(self.path, layout_lib.SHARDS, shard),
                                  f"index row {row} gives a non-finite {name} score")
     return out
 

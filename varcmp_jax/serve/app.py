@@ -8,15 +8,18 @@
   GET  /videos/{path}             a media file under --videos, with HTTP range requests (Starlette's FileResponse)
 
 The model and the index are opened once (create_app); a query is one query-tower call and the index search, one
-query at a time (each uses every core). Bad input is a 4xx with a one-line JSON {"detail": message}, never a
-traceback. Safety (SPEC 4b): a request whose Host header is not the bound address, a loopback name or an
---allow-host name is refused, so a web page the user opens cannot reach the server by DNS rebinding; only media
-files inside --videos are served; answers name the index, its run and records by their folder names and files by
-the user's names, never by server paths; a request body is bounded before it is read; numeric parameters are
-ASCII digits; NaN and infinity never reach an answer.
+query at a time (each uses every core). Every refusal is a one-line JSON {"detail": message}, never a traceback:
+bad input is a 4xx; the server's own faults are 5xx with a one-line log entry (index_fault): 503 for a file of
+the index that cannot be read now (deleted, permission denied), 500 for a damaged index or non-finite scores.
+Safety (SPEC 4b; the middleware is guards.py): a request whose Host header is not the bound address, a loopback
+name or an --allow-host name is refused (DNS rebinding); /api/* refuses requests a browser marks as coming from
+another origin, and every answer carries Cross-Origin-Resource-Policy: same-origin, so no other site's page can
+query the index or embed its videos; only media files inside --videos are served; answers name the index, its
+run and records by their folder names and files by the user's names, never by server paths; a request body is
+bounded before it is read; numeric parameters are ASCII digits; NaN and infinity never reach an answer.
 """
+import logging
 import os
-import re
 import tempfile
 import threading
 
@@ -29,7 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from varcmp_jax import hits as hits_lib
 from varcmp_jax import search as search_lib
 from varcmp_jax.index import search as index_search
-from varcmp_jax.serve import media
+from varcmp_jax.index.errors import IndexDamaged, IndexUnreadable, StoreError
+from varcmp_jax.serve import guards, media
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DEFAULT_K = 5       # varcmp search --top-k
@@ -37,78 +41,51 @@ MAX_K = 100
 MAX_QUERY_CHARS = 1000
 DEFAULT_MAX_UPLOAD_BYTES = 50 << 20
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-# A Host header: a DNS name or IPv4 address, or an IPv6 address in brackets, then an optional port. ASCII only.
-HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?", re.IGNORECASE | re.ASCII)
 NON_FINITE = ("the answer holds a number that is not finite (NaN or infinity), which the API never sends: the "
               "index or the model holds non-finite values (varcmp index --verify checks the index)")
-
-
-def host_name(value: str) -> str | None:
-  """The lower-case host of a Host header or an address ('Example.org:8000' -> 'example.org', '[::1]:80' and
-  '::1' -> '::1'), or None when it is not one."""
-  if value.count(":") > 1 and not value.startswith("["):
-    value = f"[{value}]"      # a bare IPv6 address, as --host and --allow-host take it
-  match = HOST.fullmatch(value)
-  return match.group(1).lower().strip("[]") if match else None
-
-
-class HostCheck:
-  """ASGI middleware: refuses (400) a request whose Host header does not name one of `allowed` (host names as
-  host_name gives them). A page on another site that rebinds its DNS name to this machine sends its own name."""
-
-  def __init__(self, app, allowed: set[str]):
-    self.app, self.allowed = app, allowed
-
-  async def __call__(self, scope, receive, send):
-    if scope["type"] == "http":
-      hosts = [value.decode("latin-1") for key, value in scope["headers"] if key == b"host"]
-      if len(hosts) != 1 or host_name(hosts[0]) not in self.allowed:
-        shown = repr(hosts[0][:100]) if len(hosts) == 1 else f"{len(hosts)} Host headers"
-        detail = (f"Host {shown} is not an address of this server: start varcmp serve with --allow-host NAME to "
-                  "serve requests that name it")
-        return await responses.JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
-    return await self.app(scope, receive, send)
-
-
-class BodyLimit:
-  """ASGI middleware: a request body over `max_bytes` gets 413, by its Content-Length before anything is read,
-  or as soon as a streamed body passes the limit."""
-
-  def __init__(self, app, max_bytes: int):
-    self.app, self.max_bytes = app, max_bytes
-
-  async def __call__(self, scope, receive, send):
-    if scope["type"] != "http":
-      return await self.app(scope, receive, send)
-    length = dict(scope["headers"]).get(b"content-length")
-    if length is not None and (not length.isdigit() or len(length) > 18 or int(length) > self.max_bytes):
-      response = responses.JSONResponse({"detail": self._message()}, status_code=413)
-      return await response(scope, receive, send)
-    received = 0
-
-    async def limited_receive():
-      nonlocal received
-      message = await receive()
-      received += len(message.get("body", b""))
-      if received > self.max_bytes:
-        raise fastapi.HTTPException(413, self._message())
-      return message
-
-    return await self.app(scope, limited_receive, send)
-
-  def _message(self) -> str:
-    return f"the upload is larger than {self.max_bytes / 2**20:g} MiB (varcmp serve --max-upload-mb)"
+# uvicorn's own logger: `varcmp serve` shows it on the console; a known fault is one line there, no traceback.
+log = logging.getLogger("uvicorn.error")
 
 
 class FiniteJSONResponse(responses.JSONResponse):
   """Starlette's JSONResponse, but an answer holding NaN or infinity (JSON has neither) is refused with a one-line
-  400 rather than a 500: the last guard, behind the searcher's own check."""
+  500 (the server's data, not the request, is at fault): the last guard, behind the searcher's own check."""
 
   def render(self, content) -> bytes:
     try:
       return super().render(content)
     except ValueError:   # json.dumps(allow_nan=False): "Out of range float values are not JSON compliant"
-      raise fastapi.HTTPException(400, NON_FINITE) from None
+      raise fastapi.HTTPException(500, NON_FINITE) from None
+
+
+def _unreadable_cause(error: BaseException) -> OSError | None:
+  """The FileNotFoundError or PermissionError that `error` is or was raised from (also behind `raise ... from
+  None`, which only hides the context), or None."""
+  seen = 0
+  while error is not None and seen < 8:
+    if isinstance(error, (FileNotFoundError, PermissionError)):
+      return error
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return None
+
+
+def index_fault(error: BaseException) -> tuple[int, str]:
+  """(HTTP status, one-line reason) of an error met reading the index while answering: 503 when a file of it
+  cannot be read now (deleted, permission denied), 500 when it is damaged (the server's data is at fault, not the
+  request), 400 for another StoreError. Reasons name files by their server paths: answers pass them through
+  hide_paths."""
+  if isinstance(error, IndexUnreadable):
+    return 503, str(error)
+  cause = _unreadable_cause(error)
+  if isinstance(cause, PermissionError):   # never "damaged ... rebuild": the fix is the file's permissions
+    return 503, (f"permission denied reading {cause.filename or 'a file of the index'}: the server's user may not "
+                 "read it (check its owner and mode)")
+  if isinstance(cause, FileNotFoundError):
+    return 503, (f"{cause.filename or 'a file of the index'}: missing (deleted or moved since the server opened the "
+                 "index): restore it, or rebuild the index and restart varcmp serve")
+  if isinstance(error, IndexDamaged):
+    return 500, str(error)
+  return 400, str(error)
 
 
 def _folder_name(path: str) -> str:
@@ -136,10 +113,14 @@ class Searcher:
 
   def info(self) -> dict:
     manifest = self.index.manifest
-    # What an audio query uploads: a file with an audio track, or a .npy of features for a `features` tower.
-    audio_input = (None if self.task != "audio" else
-                   "features" if self.encoder.config.model.audio.kind == "features" else "file")
-    return {"index": self.name, "task": self.task, "audio_input": audio_input, "videos": len(self.index),
+    # What an audio query uploads: a file with an audio track, or a .npy of features for a `features` tower:
+    # (N, audio_feature_dim) rows of audio_clip_seconds each.
+    audio = self.encoder.config.model.audio
+    features = self.task == "audio" and audio.kind == "features"
+    audio_input = None if self.task != "audio" else "features" if features else "file"
+    return {"index": self.name, "task": self.task, "audio_input": audio_input,
+            "audio_feature_dim": int(audio.feature_dim) if features else None,
+            "audio_clip_seconds": self.audio_clip_seconds if features else None, "videos": len(self.index),
             "run": {"name": _folder_name(manifest["run"]["workdir"]), "step": manifest["run"]["step"]},
             "levels": self.index.lambdas,
             "sources": [{"records": _folder_name(s["records"]), "split": s["split"], "videos": s["videos"]}
@@ -158,9 +139,9 @@ class Searcher:
   def _answer(self, label: str, query, top_k: int, candidates: int | None) -> dict:
     answer = {"query": label, **search_lib.index_output(self.index, query, top_k, candidates), "index": self.name}
     bad = next((hit for hit in answer["hits"] if not hits_lib.finite(hit)), None)
-    if bad is not None:
-      raise ValueError(f"{bad['video']}: its scores for this query are not finite (NaN or infinity): the index or "
-                       f"the model holds non-finite values (varcmp index --verify checks the index)")
+    if bad is not None:   # the server's data (index or model) is at fault, not the request: a 500
+      raise IndexDamaged(f"{bad['video']}: its scores for this query are not finite (NaN or infinity): the index or "
+                         f"the model holds non-finite values (varcmp index --verify checks the index)")
     return answer
 
   def warm_up(self, top_k: int = 10):
@@ -204,14 +185,15 @@ def create_app(index_path: str, videos: str | None = None, workdir: str | None =
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, warm_up: bool = True,
                audio_clip_seconds: float = search_lib.VGGISH_CLIP_SECONDS, host: str = "127.0.0.1",
                allow_hosts: tuple[str, ...] = ()) -> fastapi.FastAPI:
-  """The app over the index at `index_path` (errors opening it are ValueError / FileNotFoundError, one line).
+  """The app over the index at `index_path` (errors opening it are ValueError / OSError, one line).
 
   host: the address the server binds; requests must name it, a loopback name or one of `allow_hosts` in their
-  Host header (ValueError for a name that is no host name).
+  Host header (ValueError for a name that is no host name), and /api/* requests from a browser must come from the
+  page itself (guards.OriginCheck).
   """
-  if bad := [name for name in (host, *allow_hosts) if host_name(name) is None]:
+  if bad := [name for name in (host, *allow_hosts) if guards.host_name(name) is None]:
     raise ValueError(f"--allow-host {bad[0]!r}: not a host name (a DNS name or an IP address, optionally :port)")
-  allowed = {host_name(name) for name in (host, *LOOPBACK_NAMES, *allow_hosts)}
+  allowed = {guards.host_name(name) for name in (host, *LOOPBACK_NAMES, *allow_hosts)}
   folder = media.VideoFolder(videos) if videos else None
   searcher = Searcher(index_path, workdir, audio_clip_seconds)
   keyframes = media.Keyframes(searcher.index, folder)
@@ -221,8 +203,11 @@ def create_app(index_path: str, videos: str | None = None, workdir: str | None =
 
   app = fastapi.FastAPI(title="varcmp search", docs_url=None, redoc_url=None, openapi_url=None,
                         default_response_class=FiniteJSONResponse)
-  app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
-  app.add_middleware(HostCheck, allowed=allowed)     # the outermost: a refused Host reaches nothing else
+  # Starlette runs the last added outermost: headers on every answer, then Host, Origin, body size.
+  app.add_middleware(guards.BodyLimit, max_bytes=max_upload_bytes)
+  app.add_middleware(guards.OriginCheck, allow_hosts=tuple(guards.host_and_port(name) for name in allow_hosts))
+  app.add_middleware(guards.HostCheck, allowed=allowed)
+  app.add_middleware(guards.ResponseHeaders)
   app.state.searcher = searcher
 
   def refusal(status: int, detail: str, headers=None):
@@ -238,10 +223,19 @@ def create_app(index_path: str, videos: str | None = None, workdir: str | None =
     where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "request"
     return refusal(422, f"{where}: {first.get('msg', 'invalid')}")
 
+  @app.exception_handler(StoreError)
+  @app.exception_handler(FileNotFoundError)
+  @app.exception_handler(PermissionError)
+  async def _index_fault(request, error):
+    # A known fault of the server's index: one line to the client and one to the log, no traceback.
+    status, detail = index_fault(error)
+    if status >= 500:
+      log.error("%s %s: %d %s", request.method, request.url.path, status, detail)
+    return refusal(status, detail)
+
   @app.exception_handler(Exception)
   async def _crash(request, error):
-    # The client gets one line (our ValueErrors, e.g. a damaged index, say what is wrong); uvicorn logs the
-    # traceback on the server's console.
+    # Anything else is a bug: the client gets one line, uvicorn logs the traceback on the server's console.
     what = str(error) if isinstance(error, ValueError) else f"internal error ({type(error).__name__})"
     return refusal(500, f"{what}; see the server's log")
 
@@ -253,8 +247,9 @@ def create_app(index_path: str, videos: str | None = None, workdir: str | None =
 
   @app.get("/api/info")
   def info():
-    return {**searcher.info(), "player": folder is not None, "max_k": MAX_K,
-            "max_upload_bytes": max_upload_bytes, "default_candidates": search_lib.DEFAULT_CANDIDATES}
+    return {**searcher.info(), "player": folder is not None, "keyframes": keyframes.available,
+            "max_k": MAX_K, "max_upload_bytes": max_upload_bytes,
+            "default_candidates": search_lib.DEFAULT_CANDIDATES}
 
   @app.get("/api/search")
   def search_text(q: str | None = None, k: str | None = None, candidates: str | None = None):
@@ -268,7 +263,9 @@ def create_app(index_path: str, videos: str | None = None, workdir: str | None =
       raise fastapi.HTTPException(400, f"the text query is {len(q)} characters; at most {MAX_QUERY_CHARS}")
     try:
       return searcher.text(q, top_k, kept)
-    except ValueError as e:
+    except StoreError:
+      raise                   # the index's fault: _index_fault answers
+    except ValueError as e:   # the query's (search.QueryError)
       raise fastapi.HTTPException(400, str(e)) from None
 
   @app.post("/api/search")
@@ -293,6 +290,8 @@ def create_app(index_path: str, videos: str | None = None, workdir: str | None =
           raise fastapi.HTTPException(400, f"{name}: the uploaded file is empty")
         try:
           return await run_in_threadpool(searcher.audio, file.name, name, top_k, kept)
+        except StoreError:
+          raise
         except ValueError as e:   # errors name the upload as `name`; the temp file's name never leaves either way
           detail = str(e).replace(file.name, name).replace(os.path.basename(file.name), name)
           raise fastapi.HTTPException(400, detail) from None

@@ -52,9 +52,10 @@ def main(argv: list[str]) -> int:
     app = app_lib.create_app(args.index, args.videos, args.workdir, int(args.max_upload_mb * 2**20),
                              audio_clip_seconds=args.audio_clip_seconds, host=args.host,
                              allow_hosts=tuple(args.allow_host))
-  except (FileNotFoundError, KeyError, ValueError) as e:
+  except (OSError, KeyError, ValueError) as e:   # index errors (index.errors) are ValueErrors, one line each
     listener.close()
-    raise SystemExit(f"varcmp serve: {e}") from None
+    reason = f"cannot read {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+    raise SystemExit(f"varcmp serve: {reason}") from None
   info = app.state.searcher.info()
   try:
     loopback = ipaddress.ip_address(args.host).is_loopback

@@ -94,6 +94,8 @@ def frame_at(path: str, seconds: float, size: int = THUMBNAIL_SIZE) -> np.ndarra
 
 class Keyframes:
   """PNG keyframes of index rows by snippet slot: `png(row, slot)`; LookupError with a message when there is none.
+  `available`: whether any can exist (--videos given, or the records hold frames), so the page asks for none of an
+  index built from released features without --videos.
 
   index: varcmp_jax.index.search.Index (its store gives the shard table, times, masks and names); videos:
   VideoFolder or None. Encoded keyframes are cached (a page shows a few per hit); record sources open lazily.
@@ -105,6 +107,17 @@ class Keyframes:
     self.sources, self._shards = manifest["sources"], manifest["shards"]
     self._open_sources, self._lock = {}, threading.Lock()
     self.png = functools.lru_cache(maxsize=cache)(self._png)
+    self.available = videos is not None or any(map(self._holds_frames, range(len(self.sources))))
+
+  def _holds_frames(self, source: int) -> bool:
+    """Whether the records of a source hold frames (prep keeps them for every record of a split or for none),
+    judged by its first indexed record; False when they are gone or no longer the ones indexed."""
+    first = next((s["offset"] for s in self._shards if s["source"] == source and s["count"]), None)
+    try:
+      record = self._record(first) if first is not None else None
+    except (OSError, ValueError, KeyError, IndexError):
+      return False
+    return record is not None and "frames" in record
 
   def _record(self, row: int) -> dict | None:
     """The record behind an index row, or None when its records directory is gone, unreadable or no longer the

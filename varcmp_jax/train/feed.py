@@ -46,11 +46,7 @@ class ResidentFeed:
     self.checkpointable = resident.EpochSampler(config.seed, split.rows, config.train.batch_size // devices,
                                                 split.blocks, devices)
 
-    def step(state, arrays, rows):
-      return trainer.train_step(state, resident.as_float32(split.traced_gather(arrays, rows)))
-
-    self._step = jax.jit(step, donate_argnums=0,
-                         out_shardings=(trainer.state_shardings, NamedSharding(trainer.mesh, P())))
+    self._step = resident_step(trainer, split)
 
   def next(self):
     return self.split.device_rows(self.checkpointable.next())
@@ -63,6 +59,15 @@ class ResidentFeed:
     for array in jax.tree_util.tree_leaves(arrays):   # a step reads its batch's rows, not the whole split
       count.io_bytes -= array.nbytes - array.nbytes // array.shape[0] * rows.shape[0]
     return (lambda state, rows: compiled(state, arrays, rows)), count
+
+
+def resident_step(trainer, split):
+  """The jitted step of resident data, step(state, split arrays, rows): gather, cast and train step (`varcmp compile`
+  compiles this same function for a pod)."""
+  def step(state, arrays, rows):
+    return trainer.train_step(state, resident.as_float32(split.traced_gather(arrays, rows)))
+
+  return jax.jit(step, donate_argnums=0, out_shardings=(trainer.state_shardings, NamedSharding(trainer.mesh, P())))
 
 
 def make(trainer, config, checkpoint_item: str | None = None):

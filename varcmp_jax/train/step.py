@@ -66,8 +66,9 @@ class Trainer:
     self.model, self.config, self.mesh = model, copy.deepcopy(config), mesh
     config = self.config
     self.schedule = optimizer_lib.learning_rate_schedule(config.train)
-    micro = config.train.batch_size // config.train.grad_accum_steps
-    self._example = example_batch(config, micro)
+    # The parameters' shapes do not depend on the batch: one example row (a micro-batch of zeros would be 64 GiB of
+    # host memory at 32,768 features videos).
+    self._example = example_batch(config, 1)
     abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
     self.tx = optimizer_lib.make_optimizer(config.train, abstract_params)
     self.abstract_state = jax.eval_shape(lambda p: self._init_state(None, p), abstract_params)   # one model trace

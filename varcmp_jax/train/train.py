@@ -25,9 +25,11 @@ from jax.experimental import multihost_utils
 from varcmp_jax import compilation_cache
 from varcmp_jax import evaluate
 from varcmp_jax import flops
+from varcmp_jax.alignment import losses
 from varcmp_jax.data import pipeline, records_check
 from varcmp_jax.train import checkpoint as checkpoint_lib
 from varcmp_jax.train import feed as feed_lib
+from varcmp_jax.train import metrics_log
 from varcmp_jax.train import step as step_lib
 from varcmp_jax.train import workdir as workdir_lib
 from varcmp_jax.train.metrics_log import MetricsLog, Throughput
@@ -77,17 +79,22 @@ def _compile(feed, state, inputs, bar, meter: Throughput):
     tqdm.tqdm.write(f"step compiled in {time.perf_counter() - start:.1f} s: {count.model / 1e12:.4g} TFLOP model, "
                     f"{count.executed / 1e12:.4g} executed, {100 * count.bf16_share:.0f}% of them on bf16 "
                     f"operands{peak}")
+    work = losses.fine_work(feed.trainer.config, feed.trainer.config.train.batch_size)
+    if work:
+      tqdm.tqdm.write(work)
   bar.set_description("train")
   meter.restart()
   return run_step
 
 
 def train_steps(trainer, state, start: int, feed, checkpointer, log: MetricsLog, stop, eval_data=None):
-  """Steps start+1 .. num_steps (or until a stop signal); saves the last step. Returns the state.
+  """Steps start+1 .. num_steps (or until a stop signal); saves the last step. Returns (state, the last step
+  done, its loss).
 
   `eval_data`: the eval split on the devices (resident data) for the periodic eval, else None (Grain)."""
   t = trainer.config.train
   last_saved = done = start
+  metrics = None
   bar = tqdm.trange(start, t.num_steps, initial=start, total=t.num_steps, desc="train",
                     disable=jax.process_index() != 0)
   meter, run_step = Throughput(t.batch_size, 0.0, devices=jax.device_count()), None
@@ -116,7 +123,27 @@ def train_steps(trainer, state, start: int, feed, checkpointer, log: MetricsLog,
   if last_saved != done:
     checkpointer.save(done, state, feed.checkpointable, force=True)
   checkpointer.wait_until_finished()
-  return state
+  return state, done, None if metrics is None else float(jax.device_get(metrics["loss"]))
+
+
+def summary(workdir: str, start: int, done: int, num_steps: int, loss: float | None, seconds: float) -> str:
+  """The closing line of a run: the steps it did, the final loss and time, where the checkpoint and metrics are."""
+  where = (f"checkpoint {os.path.join(workdir, 'checkpoints', str(done))}, metrics "
+           f"{os.path.join(workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(workdir, 'tensorboard')})")
+  loss_text = "" if loss is None else f", loss {loss:.4f}"
+  if done >= num_steps:
+    return f"trained steps {start + 1}-{done} of {num_steps} in {seconds:.0f} s{loss_text}; {where}"
+  return (f"stopped at step {done} of {num_steps} after {done - start} steps in {seconds:.0f} s{loss_text}; {where}; "
+          "rerun the same command to go on")
+
+
+def nothing_to_do(workdir: str, step: int, num_steps: int) -> str:
+  """The one line of a rerun that finds the run finished: its step, last logged loss, checkpoint and metrics."""
+  rows = metrics_log.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  loss = next((f", loss {row['loss']:.4f}" for row in reversed(rows) if row["step"] == step and "loss" in row), "")
+  return (f"nothing to train: {workdir} already holds step {step} of train.num_steps={num_steps}{loss} (checkpoint "
+          f"{os.path.join(workdir, 'checkpoints', str(step))}, metrics {os.path.join(workdir, 'metrics.jsonl')}); "
+          "to train longer, give a larger train.num_steps and a new --workdir")
 
 
 def _disk_full(workdir: str, reason: str) -> RunError:
@@ -127,7 +154,9 @@ def _disk_full(workdir: str, reason: str) -> RunError:
                   "and rerun the same command to resume")
 
 
-def _run(trainer, config, workdir: str):
+def _run(trainer, config, workdir: str, started: float):
+  """Restores or initializes, trains to train.num_steps, and says so in one closing line (`started`: the
+  perf_counter time the command started, for the time it gives)."""
   t = config.train
   writer = jax.process_index() == 0
   checkpointer = checkpoint_lib.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
@@ -138,13 +167,20 @@ def _run(trainer, config, workdir: str):
         checkpointer.remove_partial_saves()
       feed = feed_lib.make(trainer, config, checkpoint_lib.data_item(workdir))
       state, start = restore_or_init(trainer, checkpointer, config, feed.checkpointable)
+      if start >= t.num_steps:
+        _close(None, checkpointer)
+        if writer:
+          print(nothing_to_do(workdir, start, t.num_steps), flush=True)
+        return state
       eval_data = evaluate.resident_eval_split(trainer, config.data.eval_split) if t.eval_every else None
       if writer:
         workdir_lib.write_config(workdir, config)
       log = MetricsLog(workdir, start, enabled=writer)
       with checkpoint_lib.StopSignals() as stop:    # also while the last save finishes
-        state = train_steps(trainer, state, start, feed, checkpointer, log, stop, eval_data)
+        state, done, loss = train_steps(trainer, state, start, feed, checkpointer, log, stop, eval_data)
         _close(log, checkpointer)
+      if writer:
+        print(summary(workdir, start, done, t.num_steps, loss, time.perf_counter() - started), flush=True)
       return state
     except Exception as e:
       _close(log, checkpointer, quietly=True)     # a save in flight finishes (or fails) before the report
@@ -162,21 +198,28 @@ def _close(log, checkpointer, quietly: bool = False):
         closing.close()
 
 
-def with_word_budget(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config with model.max_words resolved from the records (0: their longest caption), the budget and any
-  captions longer than it said in one line each. The resolved number is what WORKDIR/config.json keeps."""
+def resolve_word_budget(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """(config with model.max_words resolved from the records' manifest (0: their longest caption), one note per
+  split with captions longer than the budget). The resolved config is what WORKDIR/config.json keeps, so a rerun
+  of the same command (`varcmp ablate` reusing a finished run) compares against this, not against the 0 it gave."""
   if config.task != "text":
-    return config
+    return config, []
   splits = (config.data.train_split, config.data.eval_split)
   budget, notes = records_check.word_budget(config, pipeline.read_manifest(config.data.records), splits)
-  if jax.process_index() == 0:
+  resolved = copy.deepcopy(config)
+  resolved.model.max_words = budget
+  return resolved, notes
+
+
+def with_word_budget(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """resolve_word_budget's config, the budget and any captions longer than it said in one line each."""
+  resolved, notes = resolve_word_budget(config)
+  if config.task == "text" and jax.process_index() == 0:
     how = "the longest caption of the records" if not config.model.get("max_words", 0) else "model.max_words"
-    print(f"caption words: the text tower reads <BOS> + {budget} words + <EOS> ({how})", flush=True)
+    print(f"caption words: the text tower reads <BOS> + {resolved.model.max_words} words + <EOS> ({how})", flush=True)
     for note in notes:
       print(f"note: {note}", flush=True)
-  config = copy.deepcopy(config)
-  config.model.max_words = budget
-  return config
+  return resolved
 
 
 def train(config: ml_collections.ConfigDict, workdir: str):
@@ -186,6 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   written, its config differs, no checkpoint restores, or the disk is full; ValueError for a config that
   does not fit the devices.
   """
+  started = time.perf_counter()
   workdir = os.path.abspath(workdir)
   compilation_cache.enable(config.get("compilation_cache", True))
   holding = workdir_lib.writer(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
@@ -196,4 +240,4 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     config = with_word_budget(config)
     if checkpoint_lib.complete_steps(workdir):
       workdir_lib.check_same_config(workdir, config)
-    return _run(step_lib.build(config), config, workdir)
+    return _run(step_lib.build(config), config, workdir, started)
