@@ -250,7 +250,7 @@ def probe(source: ArraySource, videos: list[str]) -> ArraySource:
   for video in videos:
     try:
       array = _crops_axis(open_source, _video_files(open_source, video))
-    except Exception:  # pylint: disable=broad-except  # an odd file is skipped with its reason when its row is built
+    except ArrayError:   # an odd file is skipped here; its row, when built, gives the reason
       continue
     seen.append((array.shape[2], array.shape[1]))
     if len(seen) == PROBE_ARRAYS:

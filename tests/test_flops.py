@@ -162,3 +162,12 @@ def test_device_peak_by_device_kind(kind, tflops, tb_per_s, gib):
 
 def test_no_peak_for_a_cpu():
   assert flops.device_peak(FakeDevice("cpu")) is None
+
+
+def test_lowering_platform_tells_cuda_from_rocm():
+  from types import SimpleNamespace
+  gpu = lambda version: SimpleNamespace(platform="gpu", client=SimpleNamespace(platform_version=version))
+  assert flops.lowering_platform(gpu("PJRT C API\ncuda 12080")) == "cuda"
+  assert flops.lowering_platform(gpu("PJRT C API\nrocm 60300")) == "rocm"
+  assert flops.lowering_platform(SimpleNamespace(platform="tpu")) == "tpu"
+  assert flops.lowering_platform() == "cpu"          # this machine's default device

@@ -504,6 +504,23 @@ def test_bytes_changed_after_the_index_opened_are_found_when_read(clean_index, t
     shutil.copy(os.path.join(clean_index, name), os.path.join(path, name))
 
 
+def test_a_file_cut_short_after_the_index_opened_is_damaged_when_read(clean_index, tmp_path):
+  # Each row read checks that the file still holds it: the row checksums and the metadata line offsets.
+  path = damaged_copy(clean_index, tmp_path, lambda p: None)
+  index = index_search.Index(path)
+  query = random_query(np.random.default_rng(0), "text", 5, 16)
+  index.search(query, top_k=30, candidates=None)
+  for name in ("shards/000002/rows_crc32.npy", "shards/000002/metadata_offsets.npy"):
+    file = os.path.join(path, name)
+    with open(file, "r+b") as f:
+      f.truncate(os.path.getsize(file) // 2)
+    with pytest.raises(store.IndexDamaged) as searched:
+      index.search(query, top_k=30, candidates=None)
+    one_line_naming(str(searched.value), file)
+    assert "truncated" in str(searched.value)
+    shutil.copy(os.path.join(clean_index, name), file)
+
+
 @pytest.mark.parametrize("array,row_bytes", [("pooled.npy", 2 * 16 * 4), ("shards/000001/weights.npy", 5 * 4)])
 def test_non_finite_rows_written_with_their_checksums_are_found_by_the_scans(clean_index, tmp_path, capsys, array,
                                                                              row_bytes):

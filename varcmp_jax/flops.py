@@ -141,9 +141,13 @@ def _walk(jaxpr, runs: float, recomputed: bool, count: Count, platform: str):
       count.add(max(costs, key=lambda c: c.executed))
 
 
-def _lowering_platform() -> str:
-  backend = jax.default_backend()
-  return {"gpu": "cuda"}.get(backend, backend)
+def lowering_platform(device=None) -> str:
+  """The platform a program for `device` (default: the first device) is lowered for, as jax.lax.platform_dependent
+  names it: "cpu", "tpu", "cuda" or "rocm" (both GPUs are platform "gpu"; the backend's version tells them apart)."""
+  device = device or jax.devices()[0]
+  if device.platform != "gpu":
+    return device.platform
+  return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
 
 
 def _nbytes(aval) -> int:
@@ -160,7 +164,7 @@ def count_jaxpr(closed, platform: str | None = None) -> Count:
   """`count` of a traced program's ClosedJaxpr, e.g. `jax.jit(f).trace(*args).jaxpr`: one trace serves both the
   count and the compilation (`.lower().compile()`)."""
   result = Count()
-  _walk(closed.jaxpr, 1.0, False, result, platform or _lowering_platform())
+  _walk(closed.jaxpr, 1.0, False, result, platform or lowering_platform())
   result.io_bytes = sum(_nbytes(v.aval) for v in closed.jaxpr.invars) + sum(
       _nbytes(v.aval) for v in closed.jaxpr.outvars if hasattr(v, "aval"))
   return result

@@ -49,7 +49,7 @@ def slice_metadata(records: str, split: str, start: int, stop: int, snippets: in
 def planned_layout(config, storage: str) -> dict:
   """The layout of an index of `config`'s videos, as far as the config tells it (regions assumed present)."""
   return layout_lib.layout_of(config.data.snippets, config.model.clip.projection_dim,
-                         len(levels_lib.POOLED_LEVELS[config.task]), config.model.region_grid ** 2, storage)
+                              len(levels_lib.POOLED_LEVELS[config.task]), config.model.region_grid ** 2, storage)
 
 
 def build(run, records: str, out: str, split: str, append: bool = False, shard_size: int | None = None,

@@ -138,18 +138,22 @@ class IndexReader:
     """uint32 (last - first + 1, C): the CRC32 of rows first..last of the shard's files."""
     path = self._shard_file(shard, layout_lib.ROW_CHECKSUMS)
     offset = self._data_offset(shard, "rows_crc32", path)
-    size = (last - first + 1) * self._row_checksum_bytes
+    data = self._pread(path, (last - first + 1) * self._row_checksum_bytes, offset + first * self._row_checksum_bytes)
+    return np.frombuffer(data, layout_lib.CHECKSUM_DTYPE).reshape(last - first + 1, -1)
+
+  def _pread(self, path: str, size: int, offset: int) -> bytes:
+    """`size` bytes of `path` at `offset`: IndexUnreadable if it cannot be read, IndexDamaged if it is too short."""
     try:    # os.open, not open(): a query reads a few hundred of these, and a file object costs more than the read
       fd = os.open(path, os.O_RDONLY)
       try:
-        data = os.pread(fd, size, offset + first * self._row_checksum_bytes)
+        data = os.pread(fd, size, offset)
       finally:
         os.close(fd)
     except OSError as e:
       raise self.unreadable(path, e) from None
     if len(data) != size:
       raise self.damaged(path, "shorter than its header says (truncated)")
-    return np.frombuffer(data, layout_lib.CHECKSUM_DTYPE).reshape(last - first + 1, -1)
+    return data
 
   def _shard_file(self, shard: int, name: str) -> str:
     return os.path.join(self.path, layout_lib.SHARDS, self._names[shard], name)
@@ -172,20 +176,11 @@ class IndexReader:
       index = self._shard_file(shard, layout_lib.METADATA_OFFSETS)
       lines = self._shard_file(shard, layout_lib.METADATA)
       offset = self._data_offset(int(shard), "metadata", index)
-      try:
-        with open(index, "rb") as f:   # the line's start and end: two int64 at the row's place
-          start, stop = np.frombuffer(os.pread(f.fileno(), 16, offset + 8 * int(local)), np.int64)
-      except OSError as e:
-        raise self.unreadable(index, e) from None
-      except ValueError:
-        raise self.damaged(index, "shorter than its header says (truncated)") from None
+      # The line's start and end: two int64 at the row's place.
+      start, stop = np.frombuffer(self._pread(index, 16, offset + 8 * int(local)), np.int64)
       if not 0 <= start <= stop <= start + (1 << 20):
         raise self.damaged(index, f"row {int(local)} holds line offsets {int(start)}-{int(stop)}")
-      try:
-        with open(lines, "rb") as f:
-          line = os.pread(f.fileno(), int(stop - start), int(start))
-      except OSError as e:
-        raise self.unreadable(lines, e) from None
+      line = self._pread(lines, int(stop - start), int(start))
       problem = f"line {int(local) + 1} is not the JSON written at build time"
       if self.verify_rows:
         expected = self._row_checksums(int(shard), int(local), int(local))[0, self._column[layout_lib.METADATA_COLUMN]]

@@ -16,6 +16,7 @@ from varcmp_jax.pod.targets import TOPOLOGY_EXAMPLES, local_target, tpu_target
 from varcmp_jax.train import train as train_lib
 from varcmp_jax.train.workdir import RunError
 
+
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
     """One line (argparse prints the usage too), exit status 2."""
@@ -66,7 +67,7 @@ def load_config(spec: str, overrides: list[str]):
       except Exception:  # pylint: disable=broad-except
         message = None
     cause = e.__cause__ or e
-    message = message or " ".join(str(cause).split())[:300] or type(cause).__name__
+    message = message or command_flags.one_line_text(cause)
     raise CompileError(f"--config {spec}: {message}") from None
   try:
     config_lib.validate(config)
@@ -84,7 +85,7 @@ def _with_word_budget(config):
       evaluate.check_records(config, config.data.train_split)
       return train_lib.with_word_budget(config)
     except (RunError, OSError, ValueError, KeyError) as e:
-      raise CompileError(f"config.data.records: {' '.join(str(e).split())[:300]}") from None
+      raise CompileError(f"config.data.records: {command_flags.one_line_text(e)}") from None
   if not config.model.get("max_words", 0):
     print("caption words: the text tower reads all 75 (model.max_words=0 and no records to size it from; "
           "`varcmp train` sizes it from the records' longest caption: pass --config.model.max_words=N)", flush=True)

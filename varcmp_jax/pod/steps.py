@@ -17,7 +17,7 @@ from varcmp_jax.data import pipeline, resident
 from varcmp_jax.model import varcmp
 from varcmp_jax.pod import CompileError
 from varcmp_jax.pod.targets import Target
-from varcmp_jax.train import feed, sharding, step
+from varcmp_jax.train import checkpoint, feed, sharding, step
 
 @dataclasses.dataclass
 class Step:
@@ -110,10 +110,6 @@ def _compile(fn, args, name, target, global_batch, input_, logical) -> Step:
               collectives(compiled.as_text()), count, lowering, seconds)
 
 
-def _abstract(tree, shardings):
-  return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def check_config(config, chips: int, per_chip: int):
   """config with train.batch_size = per_chip x chips, validated against the chips (CompileError, one line)."""
   k = config.train.grad_accum_steps
@@ -167,7 +163,7 @@ def resident_plan(config, chips: int) -> tuple[ResidentPlan | None, str]:
     example = resident.first_example(config, split)
     rows = resident.rows_per_device(pipeline.split_size(config.data.records, split), chips, train=True)
   except (OSError, KeyError, ValueError) as e:
-    raise CompileError(f"config.data.records: {' '.join(str(e).split())[:300]}") from None
+    raise CompileError(f"config.data.records: {command_flags.one_line_text(e)}") from None
   shapes = {k: ((chips * rows,) + np.shape(v), np.asarray(v).dtype) for k, v in example.items()}
   return ResidentPlan(shapes, rows, line), f"the split resident on the devices ({line})"
 
@@ -177,7 +173,7 @@ def compile_train(config, target: Target, per_chip: int, plan: ResidentPlan | No
   config = check_config(config, target.chips, per_chip)
   batch_size = config.train.batch_size
   trainer = build_trainer(config, target)
-  state = _abstract(trainer.abstract_state, trainer.state_shardings)
+  state = checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
   logical = {"state": _per_chip_bytes(state)}
   if plan is None:
     batch = example_batch(config, batch_size, trainer.batch_sharding)
@@ -202,7 +198,7 @@ def compile_eval(config, target: Target) -> tuple[Step | None, str | None]:
                   f"`varcmp train` refuses such a config: pass --config.eval.batch_size=N, a multiple of {chips}")
   config = check_config(config, chips, config.train.grad_accum_steps)   # the train batch does not matter here
   trainer = build_trainer(config, target)
-  params = _abstract(trainer.abstract_state["params"], trainer.state_shardings["params"])
+  params = checkpoint.abstract_with_shardings(trainer.abstract_state["params"], trainer.state_shardings["params"])
   batch = example_batch(config, batch_size, trainer.batch_sharding)
   batch["valid"] = jax.ShapeDtypeStruct((batch_size,), np.bool_, sharding=trainer.batch_sharding)
   logical = {"state": _per_chip_bytes(params), "batch": _per_chip_bytes(batch)}

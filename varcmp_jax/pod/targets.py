@@ -70,10 +70,7 @@ def local_target(hbm_bytes: int | None = None) -> Target:
   if devices[0].platform == "cpu":
     raise CompileError("no GPU or TPU here (jax sees only the CPU): pass --topology NAME to compile for a TPU "
                        f"slice, e.g. {TOPOLOGY_EXAMPLES}")
-  platform = {"gpu": "cuda"}.get(devices[0].platform, devices[0].platform)
-  if platform == "cuda" and "rocm" in devices[0].client.platform_version.lower():
-    platform = "rocm"
-  return _target("local", devices, platform, hbm_bytes)
+  return _target("local", devices, flops.lowering_platform(devices[0]), hbm_bytes)
 
 
 def _target(name, devices, platform, hbm_bytes) -> Target:
